@@ -1,0 +1,265 @@
+"""Checkpoint I/O: read any common layout into a flat state dict, write atomically with metadata.
+
+Reading never executes pickled code (``torch.load(weights_only=True)`` or safetensors), and
+the format is sniffed from the file's first bytes rather than trusted from its suffix, so a
+renamed file still reads and a text file gets a clear message instead of a pickle error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from bnfix.errors import BnfixError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+#: Keys under which training frameworks nest the weights, most specific first. EMA variants
+#: come after the plain weights: the plain model is what a user fine-tunes from.
+NESTING_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "net",
+    "network",
+    "module",
+    "weights",
+    "params",
+    "state_dict_ema",
+    "model_ema",
+    "ema_state_dict",
+    "ema",
+)
+#: Prefixes that wrappers add to every key (DataParallel, Lightning, torch.compile).
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "backbone.", "encoder.")
+
+
+@dataclass
+class Checkpoint:
+    """A state dict read from disk, and the story of how it was found inside the file."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    format: str  # "torch-zip" | "torch-legacy" | "safetensors"
+    unwrapped: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sniff_format(head: bytes) -> str | None:
+    """Tell a checkpoint's format from its first bytes; None for anything else."""
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "torch-legacy"
+    if len(head) >= 9:
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    return None
+
+
+def load_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
+    """Read ``path`` and return the flat tensor state dict inside it.
+
+    ``select`` keeps only the keys under one prefix (``audio_net.`` of a two-encoder model) and
+    strips it, for files that hold several sub-models.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BnfixError("no such file", path)
+    if path.is_dir():
+        raise BnfixError("is a folder, expected a checkpoint file", path)
+    size = path.stat().st_size
+    if size == 0:
+        raise BnfixError("file is empty (an interrupted download or save?)", path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    fmt = sniff_format(head)
+    if fmt is None:
+        raise BnfixError(
+            "not a checkpoint: expected a PyTorch (.pt/.pth/.bin/.ckpt) or .safetensors file",
+            path,
+        )
+    metadata: dict[str, str] = {}
+    if fmt == "safetensors":
+        raw, metadata = _read_safetensors(path)
+    else:
+        raw = _read_torch(path)
+        if isinstance(raw, Mapping) and isinstance(raw.get("bnfix_metadata"), Mapping):
+            metadata = {str(k): str(v) for k, v in raw["bnfix_metadata"].items()}
+    state, notes = unwrap(raw, path)
+    if select:
+        prefix = select if select.endswith(".") else select + "."
+        picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if not picked:
+            raise BnfixError(f"no key starts with {prefix!r}; check --select", path)
+        state = picked
+        notes.append(f"selected keys under '{prefix}'")
+    return Checkpoint(path, state, sha256_file(path), fmt, notes, metadata)
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol chatter from torch
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found:
+            raise BnfixError(
+                f"refused: loading it would run pickled code ({found.group(1)}); bnfix never "
+                "does that. Re-save it with torch.save(model.state_dict(), ...) or as .safetensors",
+                path,
+            ) from None
+        raise BnfixError(
+            "not a tensor checkpoint torch can read safely (a plain pickle?); re-save it with "
+            "torch.save(model.state_dict(), ...) or as .safetensors",
+            path,
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise BnfixError(
+            f"cannot read this PyTorch file, it looks truncated or corrupt ({_short(exc)})", path
+        ) from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    data = path.read_bytes()
+    try:
+        tensors = safetensors_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+        raise BnfixError(
+            f"cannot read this safetensors file, it looks truncated or corrupt ({_short(exc)})",
+            path,
+        ) from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:160] + ("…" if len(text) > 160 else "")
+
+
+def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Dig the tensor state dict out of the nesting that training code wraps around it."""
+    notes: list[str] = []
+    for _ in range(8):  # nesting is shallow in practice; the bound only guards against cycles
+        if not isinstance(obj, Mapping):
+            raise BnfixError(
+                f"holds a {type(obj).__name__}, not a state dict; save model.state_dict()", path
+            )
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= len(obj) / 2:
+            if len(tensors) < len(obj):
+                dropped = sorted(str(k) for k in obj if k not in tensors)
+                notes.append(f"ignored non-tensor entries: {', '.join(dropped[:5])}")
+            state = {str(k): v for k, v in tensors.items()}
+            return _strip_prefixes(state, notes), notes
+        key = next((k for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
+            nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
+            hint = f" (nested entries: {', '.join(map(str, nested[:6]))})" if nested else ""
+            raise BnfixError(f"found no state dict inside{hint}; use --select or re-save", path)
+        others = [k for k in NESTING_KEYS if k != key and isinstance(obj.get(k), Mapping)]
+        note = f"unwrapped '{key}'"
+        if others:
+            note += f" (also present, not used: {', '.join(others)})"
+        notes.append(note)
+        obj = obj[key]
+    raise BnfixError("nesting too deep to find a state dict", path)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                notes.append(f"stripped prefix '{prefix}'")
+                changed = True
+    return state
+
+
+def save_checkpoint(
+    state_dict: Mapping[str, torch.Tensor],
+    out: str | Path,
+    metadata: Mapping[str, str],
+    *,
+    force: bool = False,
+    inputs: tuple[Path, ...] = (),
+) -> Path:
+    """Write ``state_dict`` to ``out`` atomically: a temporary file in the same folder, renamed.
+
+    ``.safetensors`` unless the name ends in a PyTorch suffix. Refuses to overwrite any of
+    ``inputs`` (even with ``force``) and an existing ``out`` without ``force``.
+    """
+    out = Path(out)
+    resolved = out.resolve()
+    if any(resolved == Path(p).resolve() for p in inputs):
+        raise BnfixError("refusing to overwrite the input checkpoint; pick another --out", out)
+    if out.exists() and not force:
+        raise BnfixError("exists; pass --force to replace it", out)
+    if not out.parent.is_dir():
+        raise BnfixError("folder does not exist", out.parent)
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    if out.suffix in TORCH_SUFFIXES:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": dict(state_dict), "bnfix_metadata": meta}, buffer)
+        payload = buffer.getvalue()
+    else:
+        payload = safetensors_save(_unshared(state_dict), metadata=meta)
+    write_atomic(out, payload)
+    return out
+
+
+def write_atomic(out: Path, payload: bytes) -> None:
+    """Write bytes so that ``out`` is either untouched or complete, never half written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage; give each its own contiguous copy."""
+    seen: set[int] = set()
+    result = {}
+    for key, tensor in state.items():
+        t = tensor.detach().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen or not t.is_contiguous():
+            t = t.contiguous().clone()
+        seen.add(ptr)
+        result[key] = t
+    return result

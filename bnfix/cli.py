@@ -1,0 +1,201 @@
+"""The ``bnfix`` command line: a thin click layer over the library.
+
+Every user-fixable problem is a :class:`BnfixError` (or a click usage error) and becomes one
+line on stderr with exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+
+from bnfix import __version__
+from bnfix.errors import BnfixError
+from bnfix.masks import Thresholds
+
+MODALITIES = click.Choice(["audio", "visual"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BnfixError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
+
+
+def check_output(path: Path, suffix: str | None, inputs: list[Path], option: str) -> None:
+    """Refuse an output before any work is done, so a bad one never costs a scan."""
+    if suffix and path.suffix.lower() != suffix:
+        raise BnfixError(f"{option} must name a {suffix} file", path)
+    if not path.parent.is_dir():
+        raise BnfixError(f"{option}: folder {path.parent} does not exist", path)
+    if any(path.resolve() == p.resolve() for p in inputs):
+        raise BnfixError(f"{option} would overwrite an input file; pick another name", path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnfix")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Find and repair dead BatchNorm channels in pretrained CNN checkpoints."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--arch", help="torchvision name, pkg.module:factory or timm:NAME (probe only).")
+@click.option("--select", help="Scan only keys under this prefix (e.g. audio_net.).")
+@click.option("--modality", type=MODALITIES, help="What the probe holds.")
+@click.option(
+    "--probe", type=click.Path(path_type=Path), help="Audio, image or tensor file/folder."
+)
+@click.option("--probe-limit", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(2))
+@click.option("--json", "json_out", metavar="FILE|-", help="Write the report as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write per-layer bars (PNG).")
+@click.option(
+    "--fail-on",
+    type=click.FloatRange(0, 1),
+    metavar="FRACTION",
+    help="Exit 1 when dead + always-dead channels exceed this share.",
+)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option(
+    "--abs-tol",
+    default=Thresholds.abs_tol,
+    show_default=True,
+    type=float,
+    help="|γ| and |β| below this: abnormal pair.",
+)
+@click.option(
+    "--rel-tol",
+    default=Thresholds.rel_tol,
+    show_default=True,
+    type=float,
+    help="... or below this share of the layer's median.",
+)
+@click.option(
+    "--var-tol",
+    default=Thresholds.var_tol,
+    show_default=True,
+    type=float,
+    help="Running variance below this: collapsed channel.",
+)
+@click.option(
+    "--dead-fraction",
+    default=Thresholds.dead_fraction,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Dead: ≤ 0 on at least this share of samples.",
+)
+def scan(
+    checkpoints: tuple[Path, ...],
+    arch: str | None,
+    select: str | None,
+    modality: str | None,
+    probe: Path | None,
+    probe_limit: int,
+    batch_size: int,
+    json_out: str | None,
+    plot: Path | None,
+    fail_on: float | None,
+    device: str,
+    abs_tol: float,
+    rel_tol: float,
+    var_tol: float,
+    dead_fraction: float,
+) -> None:
+    """Find dead BatchNorm channels in one or more checkpoints (shown side by side)."""
+    from bnfix.scan_run import ScanRequest, run_scan
+
+    inputs = list(checkpoints) + ([probe] if probe else [])
+    if json_out and json_out != "-":
+        check_output(Path(json_out), ".json", inputs, "--json")
+    if plot:
+        check_output(plot, ".png", inputs, "--plot")
+    request = ScanRequest(
+        checkpoints=list(checkpoints),
+        arch=arch,
+        select=select,
+        modality=modality,
+        probe=probe,
+        probe_limit=probe_limit,
+        batch_size=batch_size,
+        device=resolve_device(device),
+        thresholds=Thresholds(abs_tol, rel_tol, var_tol, dead_fraction),
+    )
+    console = Console(stderr=json_out == "-")
+    scans = run_scan(request, console)
+    _emit(scans, console, json_out, plot)
+    if fail_on is not None:
+        crossed = [s for s in scans if s.unusable_fraction > fail_on]
+        for s in crossed:
+            console.print(
+                f"[red]fail-on:[/red] {s.path}: {s.unusable_fraction:.1%} of channels dead "
+                f"> {fail_on:.1%}",
+                highlight=False,
+            )
+        if crossed:
+            sys.exit(1)
+
+
+def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None) -> None:
+    from bnfix import report
+
+    report.render(scans, console)
+    if json_out:
+        report.write_json(scans, json_out, Console(file=sys.stdout))
+        if json_out != "-":
+            console.print(f"wrote {json_out}", highlight=False)
+    if plot:
+        report.plot(scans, plot)
+        console.print(f"wrote {plot}", highlight=False)
+
+
+@cli.command()
+@click.option(
+    "--workdir",
+    default="bnfix-demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+def demo(workdir: Path, device: str) -> None:
+    """The whole flow on the built-in default (torchvision's ImageNet MobileNetV2)."""
+    from bnfix.demo import run_demo
+
+    run_demo(workdir, resolve_device(device), Console())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line and exit 2 for bad input, unless --debug asks for the traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("BNFIX_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="bnfix", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        print("bnfix: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        print(f"bnfix: error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except BnfixError as exc:
+        if debug:
+            raise
+        print(f"bnfix: error: {exc}", file=sys.stderr)
+        sys.exit(2)

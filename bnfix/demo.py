@@ -1,0 +1,58 @@
+"""``bnfix demo``: the main job on the built-in default, end to end, on any machine.
+
+An ImageNet MobileNetV2 used as an audio encoder is the paper's cross-modal initialisation
+case: the demo makes a small audio probe and shows which BN channels that re-use kills.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from bnfix import report
+from bnfix.default_checkpoint import MOBILENET_V2, fetch
+from bnfix.errors import BnfixError
+from bnfix.probe import write_demo_audio
+from bnfix.scan_run import ScanRequest, run_scan
+
+
+def run_demo(workdir: Path, device: torch.device, console: Console) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise BnfixError("--workdir exists and is not a folder", workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    console.rule("[bold]bnfix demo[/bold]: an ImageNet checkpoint re-used as an audio encoder")
+
+    console.print(
+        f"[bold]1.[/bold] default checkpoint: {MOBILENET_V2.filename} (torchvision, ImageNet)"
+    )
+    with console.status("fetching (once; cached afterwards)"):
+        ckpt = fetch()
+    console.print(f"   {ckpt}  sha256 {MOBILENET_V2.sha256[:12]}… verified", highlight=False)
+
+    probe_dir = workdir / "probe-audio"
+    files = write_demo_audio(probe_dir)
+    console.print(
+        f"[bold]2.[/bold] audio probe: {len(files)} synthetic 44.1 kHz stereo clips in {probe_dir} "
+        "(16 kHz, 128-bin Kaldi fbank, 1024 frames)",
+        highlight=False,
+    )
+
+    console.print("[bold]3.[/bold] scan: static signals + the probe in batch-statistics mode")
+    request = ScanRequest(checkpoints=[ckpt], modality="audio", probe=probe_dir, device=device)
+    scans = run_scan(request, console)
+    report.render(scans, console)
+
+    json_path = workdir / "scan.json"
+    report.write_json(scans, str(json_path), console)
+    console.print(f"wrote {json_path}", highlight=False)
+    try:
+        report.plot(scans, workdir / "scan.png")
+        console.print(f"wrote {workdir / 'scan.png'}", highlight=False)
+    except BnfixError as exc:  # matplotlib is an optional extra
+        console.print(f"[dim]no plot: {exc}[/dim]", highlight=False)
+    console.print(
+        f"Try it on your own checkpoint: bnfix scan CKPT --modality audio --probe {probe_dir}",
+        highlight=False,
+    )

@@ -1,0 +1,152 @@
+"""The scan: static signals from a checkpoint's BN parameters, plus probe signals when a probe runs.
+
+Reports are plain dataclasses; rendering (table, JSON, plot) lives in :mod:`bnfix.report`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bnfix.bn_layers import BNParams, find_bn_layers
+from bnfix.checkpoint import Checkpoint
+from bnfix.errors import BnfixError
+from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, collapsed_mask, indices
+from bnfix.probe_stats import ChannelStats, bn_modules, collect, log_var_ratio, mean_shift
+
+
+@dataclass
+class LayerScan:
+    name: str
+    channels: int
+    abnormal: list[int]
+    always_dead: list[int]
+    collapsed: list[int]
+    dead: list[int] | None = None
+    active_fraction: list[float] | None = None
+    dead_sample_fraction: list[float] | None = None
+    mean_shift: float | None = None
+    log_var_ratio: float | None = None
+
+    @property
+    def unusable(self) -> set[int]:
+        """Channels that contribute nothing: always dead, or dead on the probe."""
+        return set(self.always_dead) | set(self.dead or ())
+
+
+@dataclass
+class ScanSummary:
+    bn_layers: int
+    channels: int
+    abnormal: int
+    always_dead: int
+    collapsed: int
+    dead: int | None
+    capacity_used: float | None
+    unusable: int  # dead on the probe or always dead: what ``--fail-on`` counts
+
+
+@dataclass
+class CheckpointScan:
+    path: str
+    sha256: str
+    architecture: str | None
+    modality: str | None
+    probe_samples: int
+    layers: list[LayerScan]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> ScanSummary:
+        probed = self.probe_samples > 0
+        channels = sum(layer.channels for layer in self.layers)
+        unusable = sum(len(layer.unusable) for layer in self.layers)
+        return ScanSummary(
+            bn_layers=len(self.layers),
+            channels=channels,
+            abnormal=sum(len(layer.abnormal) for layer in self.layers),
+            always_dead=sum(len(layer.always_dead) for layer in self.layers),
+            collapsed=sum(len(layer.collapsed) for layer in self.layers),
+            dead=sum(len(layer.dead or ()) for layer in self.layers) if probed else None,
+            capacity_used=(1 - unusable / channels) if probed and channels else None,
+            unusable=unusable,
+        )
+
+    @property
+    def unusable_fraction(self) -> float:
+        summary = self.summary
+        return summary.unusable / summary.channels if summary.channels else 0.0
+
+
+def static_layer(bn: BNParams, t: Thresholds) -> LayerScan:
+    return LayerScan(
+        name=bn.name,
+        channels=bn.channels,
+        abnormal=indices(abnormal_mask(bn.weight, bn.bias, t)),
+        always_dead=indices(always_dead_mask(bn.weight, bn.bias, t)),
+        collapsed=indices(collapsed_mask(bn.running_var, t)),
+    )
+
+
+def add_probe_signals(
+    layer: LayerScan, bn: BNParams, stats: ChannelStats, eps: float, t: Thresholds
+) -> None:
+    layer.dead = indices(stats.dead_sample_fraction >= t.dead_fraction)
+    layer.active_fraction = [round(v, 6) for v in stats.active_fraction.tolist()]
+    layer.dead_sample_fraction = [round(v, 6) for v in stats.dead_sample_fraction.tolist()]
+    layer.mean_shift = mean_shift(stats, bn.running_mean, bn.running_var, eps)
+    layer.log_var_ratio = log_var_ratio(stats, bn.running_var, eps)
+
+
+def scan_static(ckpt: Checkpoint, t: Thresholds = Thresholds()) -> CheckpointScan:
+    """The scan every checkpoint gets: no model, no data, just the stored BN tensors."""
+    bns = find_bn_layers(ckpt.state_dict)
+    if not bns:
+        raise BnfixError(
+            "no BatchNorm layer found (no keys ending in weight/bias/running_mean/running_var "
+            "of equal length); nothing to scan",
+            ckpt.path,
+        )
+    return CheckpointScan(
+        path=str(ckpt.path),
+        sha256=ckpt.sha256,
+        architecture=None,
+        modality=None,
+        probe_samples=0,
+        layers=[static_layer(bn, t) for bn in bns],
+        notes=list(ckpt.unwrapped),
+    )
+
+
+def scan_probe(
+    ckpt: Checkpoint,
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    *,
+    modality: str | None,
+    t: Thresholds = Thresholds(),
+    device: torch.device | str = "cpu",
+    probe_path: str | None = None,
+) -> CheckpointScan:
+    """Static scan plus what the probe shows, with ``model`` holding ``ckpt``'s weights."""
+    report = scan_static(ckpt, t)
+    report.modality = modality
+    model = model.to(device)
+    try:
+        stats = collect(model, batches, device)
+    except RuntimeError as exc:
+        message = " ".join(str(exc).split())[:200]
+        raise BnfixError(f"the model cannot run on this probe ({message})", probe_path) from None
+    modules = bn_modules(model)
+    bns = {bn.name: bn for bn in find_bn_layers(ckpt.state_dict)}
+    for layer in report.layers:
+        if layer.name in stats and layer.name in modules:
+            add_probe_signals(layer, bns[layer.name], stats[layer.name], modules[layer.name].eps, t)
+    unprobed = [layer.name for layer in report.layers if layer.dead is None]
+    if unprobed:
+        report.notes.append(
+            f"{len(unprobed)} BN layers were not reached by the probe (e.g. {unprobed[0]})"
+        )
+    report.probe_samples = sum(len(b) for b in batches)
+    return report
