@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,plot]'
+	$(BIN)/python -m bnfix.default_checkpoint
 	touch $(STAMP)
 
 install: $(STAMP)

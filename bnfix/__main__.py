@@ -1,0 +1,3 @@
+from bnfix.cli import main
+
+main()

@@ -1,0 +1,397 @@
+"""Probe data: the batch of real inputs a scan pushes through the model.
+
+A probe is a path: one file or a folder (read recursively, in sorted order, hidden files and
+folders ignored) of audio clips, images / video frames, or ready tensors. Whatever it holds
+comes back as one float32 ``[N, C, H, W]`` tensor plus where each sample came from, so the scan
+never needs to know about decoding. Unreadable files are reported and skipped: a probe folder
+scraped from a dataset almost always holds a few broken files, and one of them should not stop
+a scan of hundreds.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bnfix.errors import BnfixError
+from bnfix.probe_audio import (
+    AudioOptions,
+    audio_features,
+    features_with_length,
+    normalise,
+    read_audio,
+    write_demo_audio,
+)
+from bnfix.probe_image import ImageOptions, image_features, read_image
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "TENSOR_EXTENSIONS",
+    "AudioOptions",
+    "ImageOptions",
+    "Probe",
+    "adapt_channels",
+    "audio_features",
+    "batches",
+    "image_features",
+    "load_probe",
+    "write_demo_audio",
+]
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+TENSOR_EXTENSIONS = (".pt", ".pth", ".npy", ".safetensors")
+MODALITIES = ("audio", "visual")
+TENSOR_KEYS = ("probe", "x", "inputs")
+
+_KIND_EXTENSIONS = {
+    "audio": AUDIO_EXTENSIONS,
+    "image": IMAGE_EXTENSIONS,
+    "tensor": TENSOR_EXTENSIONS,
+}
+_KIND_OF_MODALITY = {"audio": "audio", "visual": "image"}
+_DEFAULT_AUDIO = AudioOptions()
+_DEFAULT_IMAGE = ImageOptions()
+
+
+@dataclass
+class Probe:
+    """A probe batch and its provenance (for reports and for the "skipped" warning)."""
+
+    tensor: torch.Tensor  # float32 [N, C, H, W]
+    modality: str | None  # "audio" | "visual" | None (ready tensors of unknown modality)
+    sources: list[str]  # the file each sample came from (ready tensors: the file, repeated)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+
+def load_probe(
+    path: str | Path,
+    modality: str | None,
+    limit: int | None = None,
+    audio: AudioOptions = _DEFAULT_AUDIO,
+    image: ImageOptions = _DEFAULT_IMAGE,
+) -> Probe:
+    """Read the probe at ``path`` into one batch.
+
+    ``modality`` picks which files of a folder count ("audio": audio clips, "visual": images);
+    a folder holding none of those but ready tensors uses the tensors. ``None`` infers the
+    kind and refuses a folder that mixes kinds, since guessing wrong would silently scan the
+    model on the wrong modality. ``limit`` keeps the first samples in sorted order; later files
+    are not even opened.
+    """
+    if modality is not None and modality not in MODALITIES:
+        raise BnfixError(f"unknown modality {modality!r}; use 'audio' or 'visual'")
+    if limit is not None and limit < 1:
+        raise BnfixError(f"the probe limit must be at least 1 (got {limit})")
+    root = Path(path)
+    if not root.exists():
+        raise BnfixError(
+            "probe path does not exist; pass a file or folder of audio clips, images or tensors",
+            root,
+        )
+    kind, files = _select_files(root, modality)
+    if kind == "tensor":
+        return _load_tensors(root, files, modality, limit)
+    if kind == "audio":
+        return _load_audio(root, files, limit, audio)
+    return _load_images(root, files, limit, image)
+
+
+def adapt_channels(x: torch.Tensor, in_channels: int, path: str | None = None) -> torch.Tensor:
+    """Give a probe the channel count of the model's stem.
+
+    Repeating a spectrogram to 3 channels is the same arithmetic as summing an RGB stem's
+    weights over its inputs; averaging RGB to 1 channel is the same as repeating a 1-channel
+    stem ÷3 (DESIGN.md, stem adaptation). Anything else has no such equivalence.
+    """
+    if x.ndim != 4:
+        raise BnfixError(f"a probe must be [N, C, H, W], not {list(x.shape)}", path)
+    channels = x.shape[1]
+    if channels == in_channels:
+        return x
+    if channels == 1 and in_channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if channels == 3 and in_channels == 1:
+        return x.mean(dim=1, keepdim=True)
+    raise BnfixError(
+        f"probe has {channels} channels but the model's stem takes {in_channels}; cannot adapt "
+        f"(only 1 <-> 3 is supported): use a probe with {in_channels} channels",
+        path,
+    )
+
+
+def batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split ``x`` into consecutive batches, none of a single sample.
+
+    Training-mode BatchNorm cannot normalise one sample (its variance is 0), so a trailing
+    single sample joins the previous batch, which then holds ``batch_size + 1``.
+    """
+    if batch_size < 2:
+        raise BnfixError(
+            f"batch size must be at least 2 (got {batch_size}): training-mode BatchNorm "
+            "cannot normalise a single sample"
+        )
+    n = x.shape[0]
+    if n < 2:
+        raise BnfixError(
+            f"the probe has {n} sample(s); BatchNorm statistics need at least 2, add probe files"
+        )
+    starts = list(range(0, n, batch_size))
+    if n - starts[-1] == 1:
+        starts.pop()
+    ends = [*starts[1:], n]
+    return [x[s:e] for s, e in zip(starts, ends, strict=True)]
+
+
+# --- choosing files ----------------------------------------------------------------------------
+
+
+def _kind_of(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    for kind, extensions in _KIND_EXTENSIONS.items():
+        if suffix in extensions:
+            return kind
+    return None
+
+
+def _list_files(root: Path) -> list[Path]:
+    """Every non-hidden file under ``root``, sorted, so a probe is the same on every run.
+
+    Hidden names are skipped because macOS ``._name.wav`` resource forks and ``.DS_Store``
+    would otherwise show up as unreadable samples.
+    """
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(found)
+
+
+def _describe(kinds: list[str]) -> str:
+    return ", ".join(ext for kind in kinds for ext in _KIND_EXTENSIONS[kind])
+
+
+def _select_files(root: Path, modality: str | None) -> tuple[str, list[Path]]:
+    """Decide what kind of probe ``root`` is and which of its files belong to it."""
+    wanted = _KIND_OF_MODALITY.get(modality or "")
+    if root.is_file():
+        kind = _kind_of(root)
+        if kind is None:
+            raise BnfixError(
+                f"unsupported probe file type {root.suffix!r}; "
+                f"use one of {_describe(['audio', 'image', 'tensor'])} or a folder",
+                root,
+            )
+        if wanted is not None and kind not in (wanted, "tensor"):
+            raise BnfixError(
+                f"this is an {kind} file but the modality is {modality}; pass a "
+                f"{wanted} file, a folder of them or a ready tensor",
+                root,
+            )
+        return kind, [root]
+
+    groups: dict[str, list[Path]] = {kind: [] for kind in _KIND_EXTENSIONS}
+    for f in _list_files(root):
+        kind = _kind_of(f)
+        if kind is not None:
+            groups[kind].append(f)
+    if wanted is not None:
+        for kind in (wanted, "tensor"):
+            if groups[kind]:
+                return kind, groups[kind]
+        raise BnfixError(
+            f"no {modality} probe file in this folder "
+            f"(looked for {_describe([wanted, 'tensor'])}, recursively)",
+            root,
+        )
+    present = [kind for kind, files in groups.items() if files]
+    if not present:
+        raise BnfixError(
+            f"no probe file in this folder (looked for {_describe(list(_KIND_EXTENSIONS))}, "
+            "recursively)",
+            root,
+        )
+    if len(present) > 1:
+        counts = " and ".join(f"{len(groups[k])} {k} files" for k in present)
+        raise BnfixError(
+            f"the folder mixes {counts}; pass a modality (audio or visual) "
+            "or point to a folder of one kind",
+            root,
+        )
+    return present[0], groups[present[0]]
+
+
+def _nothing_readable(label: str, root: Path, skipped: list[tuple[str, str]]) -> BnfixError:
+    first, reason = skipped[0]
+    if root.is_file():
+        return BnfixError(f"cannot read this {label} file: {reason}", root)
+    s = "" if len(skipped) == 1 else "s"
+    return BnfixError(
+        f"no readable {label} sample ({len(skipped)} file{s} skipped; first: {first}: "
+        f"{reason}); fix or remove the unreadable files",
+        root,
+    )
+
+
+def _read_each(
+    files: list[Path],
+    limit: int | None,
+    read: Callable[[Path], Any],
+    samples: Callable[[Any], int] = lambda _: 1,
+) -> tuple[list[Any], list[str], list[tuple[str, str]]]:
+    """Apply ``read`` to files in order until ``limit`` samples are in; failures become skips."""
+    results: list[Any] = []
+    sources: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    taken = 0
+    for f in files:
+        if limit is not None and taken >= limit:
+            break
+        try:
+            result = read(f)
+        except BnfixError as e:  # readers raise path-less BnfixErrors for unusable files
+            skipped.append((str(f), str(e)))
+            continue
+        results.append(result)
+        sources.append(str(f))
+        taken += samples(result)
+    return results, sources, skipped
+
+
+# --- audio and images --------------------------------------------------------------------------
+
+
+def _load_audio(root: Path, files: list[Path], limit: int | None, opts: AudioOptions) -> Probe:
+    def read(f: Path) -> tuple[torch.Tensor, int]:
+        wave, rate = read_audio(f, opts)
+        return features_with_length(wave, rate, opts)
+
+    results, sources, skipped = _read_each(files, limit, read)
+    if not results:
+        raise _nothing_readable("audio", root, skipped)
+    features = torch.stack([feats for feats, _ in results])
+    tensor = normalise(features, [frames for _, frames in results], opts)
+    return Probe(tensor=tensor, modality="audio", sources=sources, skipped=skipped)
+
+
+def _load_images(root: Path, files: list[Path], limit: int | None, opts: ImageOptions) -> Probe:
+    results, sources, skipped = _read_each(files, limit, lambda f: read_image(f, opts))
+    if not results:
+        raise _nothing_readable("image", root, skipped)
+    return Probe(tensor=torch.stack(results), modality="visual", sources=sources, skipped=skipped)
+
+
+# --- ready tensors -----------------------------------------------------------------------------
+
+
+def _load_tensors(root: Path, files: list[Path], modality: str | None, limit: int | None) -> Probe:
+    results, names, skipped = _read_each(files, limit, _read_tensor_file, len)
+    if not results:
+        raise _nothing_readable("tensor", root, skipped)
+    first_shape = results[0].shape[1:]
+    for name, batch in zip(names, results, strict=True):
+        if batch.shape[1:] != first_shape:
+            raise BnfixError(
+                f"ready tensors disagree in shape: {names[0]} holds samples of "
+                f"{list(first_shape)} but {name} holds {list(batch.shape[1:])}; "
+                "keep one shape per probe folder",
+                root,
+            )
+    tensor = torch.cat(results) if len(results) > 1 else results[0]
+    sources = [name for name, batch in zip(names, results, strict=True) for _ in range(len(batch))]
+    if limit is not None:
+        tensor, sources = tensor[:limit], sources[:limit]
+    return Probe(tensor=tensor.contiguous(), modality=modality, sources=sources, skipped=skipped)
+
+
+def _read_tensor_file(path: Path) -> torch.Tensor:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        raw = _load_npy(path)
+    elif suffix == ".safetensors":
+        raw = _pick_tensor(_load_safetensors(path))
+    else:
+        raw = _pick_tensor(_load_pt(path))
+    return _as_batch(raw)
+
+
+def _load_pt(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise BnfixError(
+            "cannot load with weights_only=True (the file needs pickled code); "
+            "save a plain tensor or a dict of tensors"
+        ) from e
+    except Exception as e:  # corrupt zips and truncated pickles raise assorted types
+        raise BnfixError(f"cannot load tensor file: {_first_line(e)}") from e
+
+
+def _load_npy(path: Path) -> torch.Tensor:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as e:  # ValueError for object arrays, OSError/EOFError when truncated
+        raise BnfixError(f"cannot load .npy file: {_first_line(e)}") from e
+    if not isinstance(array, np.ndarray):
+        raise BnfixError("holds several arrays (.npz); save one array as .npy")
+    if array.dtype.kind != "f":
+        raise BnfixError(f"holds {array.dtype} values; a probe must be a float array")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError, or OSError for an unreadable file
+        raise BnfixError(f"cannot load safetensors file: {_first_line(e)}") from e
+
+
+def _pick_tensor(obj: object) -> torch.Tensor:
+    """The probe inside a saved object: a bare tensor, a key from TENSOR_KEYS, or the only one."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if not isinstance(obj, Mapping):
+        raise BnfixError(f"holds a {type(obj).__name__}; save a tensor or a dict of tensors")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for key in TENSOR_KEYS:
+        if key in tensors:
+            return tensors[key]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    if not tensors:
+        raise BnfixError("holds no tensor")
+    names = ", ".join(sorted(tensors)[:5])
+    raise BnfixError(
+        f"holds {len(tensors)} tensors ({names}) and none is named probe, x or inputs; "
+        "save one tensor or name the probe 'probe'"
+    )
+
+
+def _as_batch(t: torch.Tensor) -> torch.Tensor:
+    """Check a loaded tensor is a usable ``[N, C, H, W]`` batch (``[N, H, W]`` gets C=1)."""
+    if not t.is_floating_point():
+        raise BnfixError(f"holds {t.dtype} values; a probe must be a normalised float tensor")
+    if t.ndim == 3:
+        t = t.unsqueeze(1)
+    if t.ndim != 4:
+        raise BnfixError(f"has shape {list(t.shape)}; expected [N, C, H, W] or [N, H, W]")
+    if t.shape[0] == 0:
+        raise BnfixError("holds 0 samples")
+    t = t.to(torch.float32)
+    if not torch.isfinite(t).all():
+        raise BnfixError("holds NaN or infinite values")
+    return t
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e) or type(e).__name__).strip().splitlines()[0]

@@ -1,0 +1,197 @@
+"""Checkpoint I/O on real files: every format and nesting, refusals, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bnfix.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from bnfix.errors import BnfixError
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    """A small real network's state dict: conv, BN (with its int64 counter) and a classifier."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 7),
+    )  # fmt: skip
+    model.train()(torch.randn(4, 3, 16, 16))  # non-trivial running statistics
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert list(a) == list(b) or sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+NESTINGS = {
+    "plain": (lambda sd: sd, []),
+    "state_dict": (lambda sd: {"state_dict": sd, "epoch": 3}, ["unwrapped 'state_dict'"]),
+    "model": (lambda sd: {"model": sd, "optimizer": {"lr": 0.1}}, ["unwrapped 'model'"]),
+    "model_state_dict": (
+        lambda sd: {"model_state_dict": sd, "epoch": 1},
+        ["unwrapped 'model_state_dict'"],
+    ),
+    "net": (lambda sd: {"net": sd}, ["unwrapped 'net'"]),
+    "dataparallel": (
+        lambda sd: {f"module.{k}": v for k, v in sd.items()},
+        ["stripped prefix 'module.'"],
+    ),
+    "lightning": (
+        lambda sd: {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "global_step": 9},
+        ["unwrapped 'state_dict'", "stripped prefix 'model.'"],
+    ),
+    "compiled-ddp": (
+        lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
+        ["stripped prefix 'module.'", "stripped prefix '_orig_mod.'"],
+    ),
+    "ema": (
+        lambda sd: {"model": sd, "model_ema": {k: v * 2 for k, v in sd.items()}},
+        ["unwrapped 'model' (also present, not used: model_ema)"],
+    ),
+    "ema-only": (lambda sd: {"state_dict_ema": sd}, ["unwrapped 'state_dict_ema'"]),
+}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".ckpt", ".legacy.pt"])
+@pytest.mark.parametrize("nesting", sorted(NESTINGS))
+def test_torch_formats_and_nestings_round_trip(tmp_path, state, suffix, nesting):
+    wrap, notes = NESTINGS[nesting]
+    path = tmp_path / f"ckpt{suffix}"
+    torch.save(wrap(state), path, _use_new_zipfile_serialization=not suffix.startswith(".legacy"))
+    ckpt = load_checkpoint(path)
+    assert_same(ckpt.state_dict, state)
+    assert ckpt.unwrapped == notes
+    assert ckpt.format == ("torch-legacy" if "legacy" in suffix else "torch-zip")
+    assert ckpt.sha256 == sha256_file(path)
+
+
+def test_safetensors_round_trip_with_prefix(tmp_path, state):
+    path = tmp_path / "w.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in state.items()}, path, {"who": "me"})
+    ckpt = load_checkpoint(path)
+    assert_same(ckpt.state_dict, state)
+    assert ckpt.format == "safetensors"
+    assert ckpt.metadata == {"who": "me"}
+    assert ckpt.unwrapped == ["stripped prefix 'module.'"]
+
+
+def test_format_is_sniffed_not_trusted_from_suffix(tmp_path, state):
+    path = tmp_path / "actually-safetensors.pt"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    assert load_checkpoint(path).format == "safetensors"
+
+
+def test_select_picks_one_sub_model(tmp_path, state):
+    path = tmp_path / "av.pt"
+    both = {f"audio_net.{k}": v for k, v in state.items()}
+    both |= {f"visual_net.{k}": v + 1 for k, v in state.items()}
+    torch.save(both, path)
+    ckpt = load_checkpoint(path, select="visual_net")
+    assert ckpt.state_dict["0.weight"].equal(state["0.weight"] + 1)
+    with pytest.raises(BnfixError, match=r"no key starts with 'fusion\.'"):
+        load_checkpoint(path, select="fusion.")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_save_writes_metadata_atomically_and_refuses_overwrites(tmp_path, state, suffix):
+    src = tmp_path / "src.pt"
+    torch.save(state, src)
+    out = tmp_path / f"out{suffix}"
+    meta = {"bnfix_version": "x", "source": str(src), "strategy": "abri"}
+    save_checkpoint(state, out, meta, inputs=(src,))
+    back = load_checkpoint(out)
+    assert_same(back.state_dict, state)
+    assert back.metadata == meta
+    before = out.read_bytes()
+    with pytest.raises(BnfixError, match="pass --force"):
+        save_checkpoint({k: v + 1 for k, v in state.items()}, out, meta)
+    assert out.read_bytes() == before
+    save_checkpoint({k: v * 0 for k, v in state.items()}, out, meta, force=True)
+    assert load_checkpoint(out).state_dict["0.weight"].abs().sum() == 0
+    src_bytes = src.read_bytes()
+    with pytest.raises(BnfixError, match="overwrite the input"):
+        save_checkpoint(state, src, meta, force=True, inputs=(src,))
+    assert src.read_bytes() == src_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src.pt", out.name])
+
+
+def test_save_handles_tensors_sharing_storage(tmp_path):
+    base = torch.arange(12.0)
+    shared = {"a.weight": base[:6], "b.weight": base[6:], "c.weight": base.view(3, 4).t()}
+    out = save_checkpoint(shared, tmp_path / "s.safetensors", {})
+    back = load_checkpoint(out).state_dict
+    for key, tensor in shared.items():
+        assert torch.equal(back[key], tensor)
+
+
+class _Payload:
+    """Pickles to a call of os.system: loading it with plain pickle would create a file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("use_zip", [True, False])
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path, state, use_zip):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": state, "hook": _Payload(str(marker))}, path,
+               _use_new_zipfile_serialization=use_zip)  # fmt: skip
+    with pytest.raises(BnfixError, match=r"refused: .*pickled code \(posix.system\)"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    # The payload is real: an unsafe load runs it, so the assertion above can fail.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "file is empty"),
+        (lambda p: p.write_text("epoch,acc\n1,0.5\n"), "not a checkpoint"),
+        (lambda p: p.write_bytes(pickle.dumps({"a": 1})), "not a tensor checkpoint"),
+        (lambda p: p.write_bytes(b"PK\x03\x04" + os.urandom(200)), "truncated or corrupt"),
+        (lambda p: p.mkdir(), "is a folder"),
+        (lambda p: torch.save([1, 2, 3], p), "holds a list, not a state dict"),
+        (lambda p: torch.save({"epoch": 3, "cfg": {"lr": 1}}, p), "found no state dict"),
+        (lambda p: p.write_bytes(b"\x80\x02" + os.urandom(64)), "not a tensor checkpoint"),
+    ],
+)
+def test_bad_files_get_one_clear_error(tmp_path, make, message):
+    path = tmp_path / "bad.pt"
+    make(path)
+    with pytest.raises(BnfixError, match=message) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_truncated_files_are_refused(tmp_path, state, suffix):
+    good = tmp_path / f"good{suffix}"
+    if suffix == ".pt":
+        torch.save(state, good)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, good)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(BnfixError, match="truncated or corrupt"):
+        load_checkpoint(cut)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(BnfixError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.pt")
