@@ -220,7 +220,7 @@ def _select_files(root: Path, modality: str | None) -> tuple[str, list[Path]]:
             root,
         )
     if len(present) > 1:
-        counts = " and ".join(f"{len(groups[k])} {k} files" for k in present)
+        counts = " and ".join(_count(len(groups[k]), f"{k} file") for k in present)
         raise BnfixError(
             f"the folder mixes {counts}; pass a modality (audio or visual) "
             "or point to a folder of one kind",
@@ -229,13 +229,16 @@ def _select_files(root: Path, modality: str | None) -> tuple[str, list[Path]]:
     return present[0], groups[present[0]]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _nothing_readable(label: str, root: Path, skipped: list[tuple[str, str]]) -> BnfixError:
     first, reason = skipped[0]
     if root.is_file():
         return BnfixError(f"cannot read this {label} file: {reason}", root)
-    s = "" if len(skipped) == 1 else "s"
     return BnfixError(
-        f"no readable {label} sample ({len(skipped)} file{s} skipped; first: {first}: "
+        f"no readable {label} sample ({_count(len(skipped), 'file')} skipped; first: {first}: "
         f"{reason}); fix or remove the unreadable files",
         root,
     )
@@ -387,7 +390,7 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
         raise BnfixError(f"has shape {list(t.shape)}; expected [N, C, H, W] or [N, H, W]")
     if t.shape[0] == 0:
         raise BnfixError("holds 0 samples")
-    t = t.to(torch.float32)
+    t = t.detach().to(torch.float32)  # a saved leaf may still require grad
     if not torch.isfinite(t).all():
         raise BnfixError("holds NaN or infinite values")
     return t

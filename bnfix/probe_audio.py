@@ -36,7 +36,11 @@ _RESAMPLE_MARGIN_EXTRA = 16
 
 @dataclass(frozen=True)
 class AudioOptions:
-    """Parameters of the audio front end; the defaults are AST's (see DESIGN.md, Probe data)."""
+    """Parameters of the audio front end; the defaults are AST's (see DESIGN.md, Probe data).
+
+    Clips shorter than ``target_frames`` are padded with zeros in the log-mel domain before
+    normalisation (as AST does), so padded rows read ``-mean / (2 std)`` in the probe.
+    """
 
     sample_rate: int = 16000
     num_mel_bins: int = 128
@@ -131,7 +135,7 @@ def features_with_length(
     mono = mono_mix(waveform)
     mono = mono[: source_samples_needed(sample_rate, opts)]
     if sample_rate != opts.sample_rate:
-        mono = _resampler(sample_rate, opts.sample_rate)(mono)
+        mono = _resampler(int(sample_rate), opts.sample_rate)(mono)
     mono = mono[: opts.samples_needed]
     if mono.numel() < opts.window_samples:
         seconds = mono.numel() / opts.sample_rate
@@ -161,9 +165,10 @@ def _resampler(orig: int, new: int) -> T.Resample:
     """torchaudio's resampler with its sinc kernel built once per rate pair.
 
     ``torchaudio.functional.resample`` rebuilds the kernel on every call, which costs more than
-    resampling a 10 s clip; the module computes the same filter and keeps it.
+    resampling a 10 s clip; the module (with the float32 kernel the functional form builds for a
+    float32 wave) gives bit-identical output and keeps the kernel.
     """
-    return T.Resample(orig, new)
+    return T.Resample(orig, new, dtype=torch.float32)
 
 
 def mono_mix(waveform: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 #: Largest temporary (in elements) a hook may allocate at once; bounds the probe's extra memory.
 _CHUNK_ELEMENTS = 1 << 20
+#: BN classes whose forward is exactly ``F.batch_norm``: for these the probe takes the batch
+#: mean and variance from the normalisation itself instead of a second pass over the input.
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
@@ -33,7 +36,7 @@ class ChannelStats:
 
 
 class _Accumulator:
-    """O(C) running sums for one layer, updated by a forward hook on every batch."""
+    """O(C) running sums for one layer, fed once per batch by the layer's forward."""
 
     def __init__(self) -> None:
         self.samples = 0
@@ -43,47 +46,67 @@ class _Accumulator:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        x = args[0].detach()
-        y = output.detach()
+    def add_input(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """Fold one batch's per-channel mean and (biased) variance over ``count`` elements.
+
+        Chan et al.'s parallel update: the pooled mean and variance are exact across batches.
+        """
+        mean, m2 = mean.double(), var.double().clamp(min=0) * count
+        if self.mean is None or self.m2 is None:
+            self.mean, self.m2 = mean, m2
+        else:
+            total = self.elements + count
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (count / total)
+            self.m2 = self.m2 + m2 + delta.square() * (self.elements * count / total)
+        self.elements += count
+
+    def add_output(self, y: torch.Tensor) -> None:
+        """Count positive elements per (sample, channel); a sample with none is a dead one."""
         n, c = y.shape[0], y.shape[1]
         positive = torch.zeros(c, dtype=torch.float64, device=y.device)
         dead = torch.zeros(c, dtype=torch.float64, device=y.device)
-        per_sample = max(1, y[0].numel())
-        step = max(1, _CHUNK_ELEMENTS // per_sample)
+        step = max(1, _CHUNK_ELEMENTS // max(1, y[0].numel()))
         for start in range(0, n, step):  # chunks bound the boolean temporaries
-            part = y[start : start + step]
-            flat = part.reshape(part.shape[0], c, -1)
-            positive += (flat > 0).sum(dim=(0, 2), dtype=torch.float64)
-            dead += (flat.amax(dim=2) <= 0).sum(dim=0, dtype=torch.float64)
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        count = x.numel() // c
-        self._merge(mean.double(), var.double() * count, count)
+            rows = y[start : start + step].reshape(-1, c, y[0, 0].numel())
+            # an int8 view of the bool mask sums several times faster than the bool itself
+            counts = (rows > 0).view(torch.int8).sum(dim=2, dtype=torch.int32)
+            positive += counts.sum(dim=0, dtype=torch.float64)
+            dead += (counts == 0).sum(dim=0, dtype=torch.float64)
         self.positive = positive if self.positive is None else self.positive + positive
         self.dead = dead if self.dead is None else self.dead + dead
         self.samples += n
-        self.elements += count
 
-    def _merge(self, mean: torch.Tensor, m2: torch.Tensor, count: int) -> None:
-        """Chan et al.'s parallel update: exact pooled mean and variance across batches."""
-        if self.mean is None:
-            self.mean, self.m2 = mean, m2
-            return
-        total = self.elements + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta.square() * (self.elements * count / total)
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if type(module) not in _PLAIN_BN:  # subclasses: measure the input separately
+            x = args[0].detach()
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+            self.add_input(mean, var, x.numel() // x.shape[1])
+        self.add_output(output.detach())
 
     def result(self) -> ChannelStats:
-        assert self.positive is not None and self.mean is not None
+        assert self.positive is not None and self.dead is not None
+        assert self.mean is not None and self.m2 is not None
         return ChannelStats(
-            active_fraction=(self.positive / self.elements).cpu(),
+            active_fraction=(self.positive / (self.elements or 1)).cpu(),
             dead_sample_fraction=(self.dead / self.samples).cpu(),
             input_mean=self.mean.cpu(),
             input_var=(self.m2 / self.elements).cpu(),
             samples=self.samples,
         )
+
+
+def _recording_forward(bn: _BatchNorm, acc: _Accumulator):
+    """``F.batch_norm`` in batch-statistics mode that also hands its batch statistics over."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out, mean, invstd = torch.native_batch_norm(
+            x, bn.weight, bn.bias, None, None, True, 0.0, bn.eps
+        )
+        acc.add_input(mean, invstd.pow(-2) - bn.eps, x.numel() // x.shape[1])
+        return out
+
+    return forward
 
 
 def bn_modules(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -116,15 +139,22 @@ def collect(
     model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu"
 ) -> dict[str, ChannelStats]:
     """Run every batch through ``model`` and return each BN layer's statistics by module name."""
-    accumulators = {name: _Accumulator() for name in bn_modules(model)}
-    handles = [m.register_forward_hook(accumulators[n]) for n, m in bn_modules(model).items()]
+    modules = bn_modules(model)
+    accumulators = {name: _Accumulator() for name in modules}
+    handles = []
     try:
+        for name, bn in modules.items():
+            handles.append(bn.register_forward_hook(accumulators[name].hook))
+            if type(bn) in _PLAIN_BN:
+                bn.forward = _recording_forward(bn, accumulators[name])
         with batch_statistics_mode(model), torch.inference_mode():
             for batch in batches:
                 model(batch.to(device, non_blocking=True))
     finally:
         for handle in handles:
             handle.remove()
+        for bn in modules.values():
+            bn.__dict__.pop("forward", None)
     return {name: acc.result() for name, acc in accumulators.items() if acc.samples}
 
 

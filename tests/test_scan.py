@@ -138,11 +138,16 @@ def test_always_dead_needs_negligible_gamma_and_negative_beta_with_margin():
     ]  # fmt: skip
 
 
-def test_streaming_statistics_match_a_float64_reference():
+class SubclassedBN(nn.BatchNorm2d):
+    """A BN subclass (like timm's BatchNormAct2d): the probe measures its input by a hook."""
+
+
+@pytest.mark.parametrize("bn_class", [nn.BatchNorm2d, SubclassedBN])
+def test_streaming_statistics_match_a_float64_reference(bn_class):
     """Active fractions, dead-sample fractions and pooled mean/variance over uneven batches."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
-                          nn.BatchNorm2d(4))  # fmt: skip
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), bn_class(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                          bn_class(4))  # fmt: skip
     with torch.no_grad():
         model[1].bias.copy_(torch.tensor([-1.5, 0.0, 0.4, -0.3, 2.0, -3.0]))
         model[1].weight.copy_(torch.tensor([0.2, 1.0, 1.0, 0.5, 0.1, 1.0]))
