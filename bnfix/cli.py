@@ -9,24 +9,37 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 from rich.console import Console
 
 from bnfix import __version__
 from bnfix.errors import BnfixError
 from bnfix.masks import Thresholds
 
+if TYPE_CHECKING:
+    import torch
+
 MODALITIES = click.Choice(["audio", "visual"])
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise BnfixError("--device cuda: no CUDA device is available here; use --device cpu")
     return torch.device(name)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for reports; piped output gets a width that fits the table, not 80 columns."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=150)
+    return console
 
 
 def check_output(path: Path, suffix: str | None, inputs: list[Path], option: str) -> None:
@@ -131,7 +144,7 @@ def scan(
         device=resolve_device(device),
         thresholds=Thresholds(abs_tol, rel_tol, var_tol, dead_fraction),
     )
-    console = Console(stderr=json_out == "-")
+    console = make_console(stderr=json_out == "-")
     scans = run_scan(request, console)
     _emit(scans, console, json_out, plot)
     if fail_on is not None:
@@ -171,7 +184,7 @@ def demo(workdir: Path, device: str) -> None:
     """The whole flow on the built-in default (torchvision's ImageNet MobileNetV2)."""
     from bnfix.demo import run_demo
 
-    run_demo(workdir, resolve_device(device), Console())
+    run_demo(workdir, resolve_device(device), make_console())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.transforms as T
-from torchaudio.compliance import kaldi
 
 from bnfix.errors import BnfixError
 
@@ -143,6 +141,8 @@ def features_with_length(
             f"clip is {seconds * 1000:.1f} ms long, shorter than one "
             f"{opts.frame_length_ms:g} ms analysis window"
         )
+    from torchaudio.compliance import kaldi  # lazy: torchaudio costs ~0.5 s to import
+
     fbank = kaldi.fbank(
         mono[None],
         htk_compat=True,
@@ -161,13 +161,15 @@ def features_with_length(
 
 
 @functools.lru_cache(maxsize=16)
-def _resampler(orig: int, new: int) -> T.Resample:
+def _resampler(orig: int, new: int) -> torch.nn.Module:
     """torchaudio's resampler with its sinc kernel built once per rate pair.
 
     ``torchaudio.functional.resample`` rebuilds the kernel on every call, which costs more than
     resampling a 10 s clip; the module (with the float32 kernel the functional form builds for a
     float32 wave) gives bit-identical output and keeps the kernel.
     """
+    import torchaudio.transforms as T
+
     return T.Resample(orig, new, dtype=torch.float32)
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from bnfix.errors import BnfixError
@@ -65,6 +64,8 @@ def image_features(image: torch.Tensor, opts: ImageOptions) -> torch.Tensor:
     Resizing happens on uint8 when given uint8, as torchvision's ImageNet pipeline does, so the
     rounding matches what pretrained models were evaluated with.
     """
+    import torchvision.transforms.v2.functional as TF
+
     x = TF.resize(image, [opts.resize], antialias=True)
     x = TF.center_crop(x, [opts.size, opts.size])
     x = TF.to_dtype(x, torch.float32, scale=True)

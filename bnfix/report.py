@@ -149,18 +149,18 @@ def single_table(scan: CheckpointScan) -> Table:
     if probed:
         title += f" — {scan.probe_samples} {scan.modality or 'probe'} samples"
     table = Table(title=title, title_justify="left", header_style="bold", show_lines=False)
-    table.add_column("BN layer", overflow="fold")
+    table.add_column("BN layer", no_wrap=True)
     table.add_column("ch", justify="right")
     table.add_column("abnormal", justify="right")
-    table.add_column("always dead", justify="right")
+    table.add_column("always\ndead", justify="right")
     table.add_column("collapsed", justify="right")
     if probed:
         table.add_column("dead", justify="right")
-        table.add_column("dead %", justify="right")
-        table.add_column("active %", justify="right")
-        table.add_column("shift", justify="right")
-        table.add_column("log σ² ratio", justify="right")
-    table.add_column("warning", style="yellow")
+        table.add_column("dead\n%", justify="right")
+        table.add_column("active\n%", justify="right")
+        table.add_column("mean\nshift", justify="right")
+        table.add_column("log σ²\nratio", justify="right")
+    table.add_column("warning", style="yellow", ratio=1)
     for layer in scan.layers:
         row = [
             layer.name,
@@ -186,7 +186,7 @@ def single_table(scan: CheckpointScan) -> Table:
 def side_by_side_table(scans: Sequence[CheckpointScan]) -> Table:
     """Layers aligned by name across checkpoints: the paper's before/after view."""
     table = Table(title="BN layers side by side", title_justify="left", header_style="bold")
-    table.add_column("BN layer", overflow="fold")
+    table.add_column("BN layer", no_wrap=True)
     table.add_column("ch", justify="right")
     for i, scan in enumerate(scans, 1):
         label = f"[{i}] {Path(scan.path).name}"

@@ -1,38 +1,12 @@
-"""Shared fixtures: real models, the real default checkpoint, and the CLI as a subprocess."""
+"""Shared fixtures: the real default checkpoint."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bnfix.default_checkpoint import fetch
-
-BNFIX = str(Path(sys.executable).with_name("bnfix"))
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 240) -> Run:
-    """Run the installed ``bnfix`` console script for real, as a user would."""
-    done = subprocess.run(
-        [BNFIX, *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200", "BNFIX_DEBUG": "0"},
-    )
-    return Run(done.returncode, done.stdout, done.stderr)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,31 @@
+"""Helpers shared by the tests: the CLI run as a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BNFIX = str(Path(sys.executable).with_name("bnfix"))
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 240) -> Run:
+    """Run the installed ``bnfix`` console script for real."""
+    done = subprocess.run(
+        [BNFIX, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", "BNFIX_DEBUG": "0"},
+    )
+    return Run(done.returncode, done.stdout, done.stderr)

@@ -1,0 +1,262 @@
+"""``bnfix scan`` run for real as a subprocess: real checkpoints, real audio, real refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchvision
+from helpers import run_cli
+from safetensors.torch import save_file
+from torch import nn
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("bnfix: error: ") and "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def audio_resnet(tmp_path_factory) -> tuple[Path, dict[str, set[int]]]:
+    """The layout of the paper's audio ResNet-18 (1-channel stem, no fc) with planted channels."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    model.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    state["layer1.1.bn2.weight"][7] = 0.0
+    state["layer1.1.bn2.bias"][7] = -0.8
+    state["layer3.0.bn1.weight"][40] = 1e-9
+    state["layer3.0.bn1.bias"][40] = -3e-6
+    state["layer2.1.bn1.running_var"][11] = 0.0
+    path = tmp_path_factory.mktemp("ckpt") / "audio_resnet18.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 30}, path)
+    return path, {"layer1.1.bn2": {7}, "layer3.0.bn1": {40}}
+
+
+@pytest.fixture(scope="module")
+def wav_flac_probe(tmp_path_factory) -> Path:
+    """Real 44.1 kHz stereo recordings-to-be: tones, noise and chirps as WAV and FLAC."""
+    folder = tmp_path_factory.mktemp("probe")
+    rng = np.random.default_rng(0)
+    sr = 44100
+    t = np.arange(int(1.5 * sr)) / sr
+    for i in range(5):
+        left = 0.3 * np.sin(2 * np.pi * (300 + 250 * i) * t * (1 + 0.3 * t))
+        right = 0.2 * rng.standard_normal(t.size) * np.exp(-t * (i + 1))
+        clip = np.stack([left, right], axis=1).astype(np.float32)
+        sf.write(folder / f"clip{i}.{'flac' if i % 2 else 'wav'}", clip, sr)
+    (folder / "notes.txt").write_text("not audio")
+    return folder
+
+
+def test_static_scan_of_the_real_mobilenet_v2(mobilenet_v2_path):
+    result = run_cli("scan", mobilenet_v2_path, "--json", "-")
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "bnfix.scan/1"
+    (ckpt,) = doc["checkpoints"]
+    summary = ckpt["summary"]
+    assert ckpt["architecture"] == "mobilenet_v2"
+    assert ckpt["sha256"] == "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+    assert summary["bn_layers"] == 52 and summary["channels"] == 17_056
+    # collapsed channels, computed independently from the raw file
+    raw = torch.load(mobilenet_v2_path, weights_only=True)
+    expected = {
+        key.removesuffix(".running_var"): (value < 1e-6).nonzero().flatten().tolist()
+        for key, value in raw.items()
+        if key.endswith("running_var")
+    }
+    got = {layer["name"]: layer["collapsed"] for layer in ckpt["layers"]}
+    assert got == expected
+    assert summary["collapsed"] == sum(map(len, expected.values())) == 158
+    assert summary["dead"] is None and summary["capacity_used"] is None
+    assert all(layer["dead"] is None for layer in ckpt["layers"])
+    assert "verdict" in result.stderr  # the table and verdict go to stderr with --json -
+
+
+def test_probe_scan_on_real_wav_and_flac_at_44k_stereo(audio_resnet, wav_flac_probe, tmp_path):
+    ckpt, planted = audio_resnet
+    out = tmp_path / "report.json"
+    plot = tmp_path / "bars.png"
+    result = run_cli("scan", ckpt, "--modality", "audio", "--probe", wav_flac_probe,
+                     "--json", out, "--plot", plot, "--batch-size", "2")  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert "resnet18" in result.stdout and "verdict:" in result.stdout
+    assert "1-channel stem" in result.stdout
+    entry = json.loads(out.read_text())["checkpoints"][0]
+    assert entry["probe_samples"] == 5 and entry["modality"] == "audio"
+    dead = {layer["name"]: set(layer["dead"]) for layer in entry["layers"] if layer["dead"]}
+    assert dead == planted
+    layers = {layer["name"]: layer for layer in entry["layers"]}
+    assert layers["layer2.1.bn1"]["collapsed"] == [11]
+    assert layers["layer3.0.bn1"]["abnormal"] == [40]
+    assert layers["layer1.1.bn2"]["active_fraction"][7] == 0.0
+    assert 0.2 < np.mean(layers["layer1.1.bn2"]["active_fraction"]) < 0.8
+    assert entry["summary"]["capacity_used"] == pytest.approx(1 - 2 / 4800)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_several_checkpoints_side_by_side_and_fail_on(audio_resnet, tmp_path):
+    ckpt, _ = audio_resnet
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    worse = {k: v.clone() for k, v in state.items()}
+    worse["module.bn1.weight"][:40] = 0.0
+    worse["module.bn1.bias"][:40] = -1.0
+    second = tmp_path / "after.safetensors"
+    save_file(worse, second)
+    result = run_cli("scan", ckpt, second, "--json", tmp_path / "both.json", "--fail-on", "0.005")
+    assert result.code == 1, result.stderr
+    assert "side by side" in result.stdout and "fail-on" in result.stdout
+    doc = json.loads((tmp_path / "both.json").read_text())
+    assert [c["summary"]["always_dead"] for c in doc["checkpoints"]] == [2, 42]
+    assert run_cli("scan", ckpt, second, "--fail-on", "0.05").code == 0
+
+
+def test_unrecognised_architecture_still_gets_the_static_scan(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 2, 1))
+    path = tmp_path / "custom.pt"
+    state = model.state_dict()
+    state["1.weight"][2] = 0.0
+    state["1.bias"][2] = -1.0
+    torch.save(state, path)
+    result = run_cli("scan", path, "--json", "-")
+    assert result.code == 0, result.stderr
+    entry = json.loads(result.stdout)["checkpoints"][0]
+    assert entry["architecture"] is None
+    assert entry["layers"][0]["always_dead"] == [2]
+    assert any("needs --arch" in note for note in entry["notes"])
+
+
+def test_arch_factory_runs_a_probe_on_any_model(tmp_path):
+    (tmp_path / "mynet.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU())\n"
+    )
+    state = {
+        "0.weight": torch.randn(6, 3, 3, 3), "0.bias": torch.zeros(6),
+        "1.weight": torch.tensor([1.0, 0, 1, 1, 1, 1]),
+        "1.bias": torch.tensor([0.0, -2, 0, 0, 0, 0]),
+        "1.running_mean": torch.zeros(6), "1.running_var": torch.ones(6),
+        "1.num_batches_tracked": torch.tensor(0),
+    }  # fmt: skip
+    torch.save(state, tmp_path / "net.pt")
+    torch.save(torch.randn(6, 3, 20, 20), tmp_path / "probe.pt")
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{tmp_path}:{env_path}"
+    try:
+        result = run_cli("scan", tmp_path / "net.pt", "--arch", "mynet:build",
+                         "--probe", tmp_path / "probe.pt", "--json", "-")  # fmt: skip
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    assert result.code == 0, result.stderr
+    layer = json.loads(result.stdout)["checkpoints"][0]["layers"][0]
+    assert layer["dead"] == [1] and layer["always_dead"] == [1]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _evil(folder: Path) -> Path:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {folder / 'pwned'}",))
+
+    path = folder / "evil.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "x": Payload()}, path)
+    return path
+
+
+def _no_bn(folder: Path) -> Path:
+    path = folder / "linear.safetensors"
+    save_file(nn.Linear(4, 2).state_dict(), path)
+    return path
+
+
+def _truncated(folder: Path) -> Path:
+    path = folder / "cut.pth"
+    full = folder / "full.pth"
+    torch.save(nn.BatchNorm2d(4).state_dict(), full)
+    path.write_bytes(full.read_bytes()[:300])
+    full.unlink()
+    return path
+
+
+def _file(name: str, data: bytes):
+    def make(folder: Path) -> Path:
+        (folder / name).write_bytes(data)
+        return folder / name
+
+    return make
+
+
+BAD_CHECKPOINTS = {
+    "missing": (lambda d: d / "nope.pt", "no such file"),
+    "empty": (_file("e.pt", b""), "empty"),
+    "text": (_file("t.ckpt", b"epoch,loss\n1,0.3\n"), "not a checkpoint"),
+    "truncated": (_truncated, "truncated or corrupt"),
+    "malicious": (_evil, "refused"),
+    "no-bn": (_no_bn, "no BatchNorm layer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, case):
+    make, message = BAD_CHECKPOINTS[case]
+    path = make(tmp_path)
+    out = tmp_path / "out.json"
+    result = run_cli("scan", path, "--json", out)
+    assert result.code == 2
+    line = one_error_line(result.stderr)
+    assert message in line and str(path) in line
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+    assert result.stdout == ""
+
+
+def test_bad_probe_and_arch_get_one_line_and_exit_2(audio_resnet, tmp_path):
+    ckpt, _ = audio_resnet
+    out = tmp_path / "out.json"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.wav").write_bytes(b"RIFF0000WAVEjunk")
+    (broken / "b.flac").write_bytes(b"")
+    torch.save(torch.randn(4, 5, 32, 32), tmp_path / "five.pt")
+    cases = [
+        (["--probe", broken, "--modality", "audio"], "no readable audio sample"),
+        (["--probe", tmp_path / "five.pt"], "cannot adapt"),
+        (["--probe", tmp_path / "five.pt", "--arch", "resnet50"], "does not fit"),
+        (["--probe", tmp_path / "absent"], "absent"),
+        (["--fail-on", "2"], "--fail-on"),
+        (["--bogus"], "No such option"),
+    ]
+    for extra, message in cases:
+        result = run_cli("scan", ckpt, "--json", out, *extra)
+        assert result.code == 2, (extra, result.stderr)
+        assert message in one_error_line(result.stderr), extra
+        assert not out.exists()
+
+
+def test_outputs_are_checked_before_any_work(audio_resnet, tmp_path):
+    ckpt, _ = audio_resnet
+    before = ckpt.read_bytes()
+    result = run_cli("scan", ckpt, "--json", ckpt.with_suffix(".json").parent / "x" / "r.json")
+    assert result.code == 2 and "does not exist" in one_error_line(result.stderr)
+    result = run_cli("scan", ckpt, "--plot", tmp_path / "bars.jpg")
+    assert result.code == 2 and ".png" in one_error_line(result.stderr)
+    copy = tmp_path / "in.json"
+    copy.write_bytes(before)
+    result = run_cli("scan", copy, "--json", copy)
+    assert result.code == 2 and "overwrite an input" in one_error_line(result.stderr)
+    assert copy.read_bytes() == before and ckpt.read_bytes() == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("--debug", "scan", tmp_path / "nope.pt")
+    assert result.code != 0 and "Traceback" in result.stderr and "no such file" in result.stderr
