@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev,plot]'
 	$(BIN)/python -m bnfix.default_checkpoint
 	touch $(STAMP)
@@ -22,7 +21,8 @@ demo: install
 	$(BIN)/bnfix demo
 
 bench: install
-	$(BIN)/python benchmarks/scan_overhead.py
+	$(BIN)/python benchmarks/scan_overhead.py --arch resnet18 --input 3x224x224
+	$(BIN)/python benchmarks/scan_overhead.py --arch mobilenet_v2 --input 1x1024x128 --batches 4 --batch-size 8
 
 lint: install
 	$(BIN)/ruff check .
