@@ -108,6 +108,36 @@ def cli(ctx: click.Context, debug: bool) -> None:
     type=click.FloatRange(0, 1),
     help="Dead: ≤ 0 on at least this share of samples.",
 )
+@click.option(
+    "--sample-rate",
+    default=16000,
+    show_default=True,
+    type=click.IntRange(1000),
+    help="Audio probe: resample to this rate.",
+)
+@click.option(
+    "--mel-bins",
+    default=128,
+    show_default=True,
+    type=click.IntRange(4),
+    help="Audio probe: Kaldi fbank mel bins.",
+)
+@click.option(
+    "--frames",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Audio probe: pad or crop to this many 10 ms frames.",
+)
+@click.option("--audio-mean", type=float, help="Audio probe: normalisation mean [probe's own].")
+@click.option("--audio-std", type=float, help="Audio probe: normalisation std [probe's own].")
+@click.option(
+    "--image-size",
+    default=224,
+    show_default=True,
+    type=click.IntRange(8),
+    help="Visual probe: centre-crop size (resize to 8/7 of it first).",
+)
 def scan(
     checkpoints: tuple[Path, ...],
     arch: str | None,
@@ -124,8 +154,15 @@ def scan(
     rel_tol: float,
     var_tol: float,
     dead_fraction: float,
+    sample_rate: int,
+    mel_bins: int,
+    frames: int,
+    audio_mean: float | None,
+    audio_std: float | None,
+    image_size: int,
 ) -> None:
     """Find dead BatchNorm channels in one or more checkpoints (shown side by side)."""
+    from bnfix.probe import AudioOptions, ImageOptions
     from bnfix.scan_run import ScanRequest, run_scan
 
     inputs = list(checkpoints) + ([probe] if probe else [])
@@ -143,6 +180,14 @@ def scan(
         batch_size=batch_size,
         device=resolve_device(device),
         thresholds=Thresholds(abs_tol, rel_tol, var_tol, dead_fraction),
+        audio=AudioOptions(
+            sample_rate=sample_rate,
+            num_mel_bins=mel_bins,
+            target_frames=frames,
+            mean=audio_mean,
+            std=audio_std,
+        ),
+        image=ImageOptions(size=image_size, resize=round(image_size * 8 / 7)),
     )
     console = make_console(stderr=json_out == "-")
     scans = run_scan(request, console)

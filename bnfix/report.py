@@ -95,9 +95,8 @@ def layer_warning(layer: LayerScan) -> str:
         words.append(f"{len(layer.abnormal) / layer.channels:.0%} abnormal")
     if layer.collapsed:
         words.append("collapsed var")
-    shift = layer.mean_shift or 0.0
-    ratio = layer.log_var_ratio if layer.log_var_ratio == layer.log_var_ratio else 0.0
-    if shift > WARN_SHIFT or abs(ratio or 0.0) > WARN_SHIFT:
+    shift, ratio = _finite(layer.mean_shift) or 0.0, _finite(layer.log_var_ratio) or 0.0
+    if shift > WARN_SHIFT or abs(ratio) > WARN_SHIFT:
         words.append("domain gap")
     return ", ".join(words)
 
@@ -121,9 +120,10 @@ def verdict(scan: CheckpointScan) -> str:
     )
     if worst_share >= WARN_SHARE:
         flagged = sum(len(x.unusable) / x.channels >= WARN_SHARE for x in scan.layers)
+        layers = "layer" if flagged == 1 else "layers"
         line += (
-            f"; {flagged} layers ≥{WARN_SHARE:.0%} dead, worst {worst.name} "
-            f"({worst_share:.0%}) → consider bnfix repair (ABRi)"
+            f"; {flagged} {layers} ≥{WARN_SHARE:.0%} dead, worst {worst.name} "
+            f"({worst_share:.0%}): a candidate for ABRi re-initialisation"
         )
     else:
         line += "; no layer is badly affected"

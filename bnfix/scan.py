@@ -132,7 +132,7 @@ def scan_probe(
     """Static scan plus what the probe shows, with ``model`` holding ``ckpt``'s weights."""
     report = scan_static(ckpt, t)
     report.modality = modality
-    model = model.to(device)
+    model = model.to(device=device, dtype=torch.float32)  # half-precision checkpoints too
     try:
         stats = collect(model, batches, device)
     except RuntimeError as exc:

@@ -260,3 +260,28 @@ def test_outputs_are_checked_before_any_work(audio_resnet, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "scan", tmp_path / "nope.pt")
     assert result.code != 0 and "Traceback" in result.stderr and "no such file" in result.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path, mobilenet_v2_path):
+    result = run_cli("demo", "--workdir", tmp_path / "demo")
+    assert result.code == 0, result.stderr
+    assert "verdict: mobilenet_v2 on 16 audio samples" in result.stdout
+    entry = json.loads((tmp_path / "demo" / "scan.json").read_text())["checkpoints"][0]
+    assert entry["sha256"].startswith("b0353104")
+    assert entry["summary"]["channels"] == 17_056 and entry["summary"]["collapsed"] == 158
+    assert entry["probe_samples"] == 16 and 0 < entry["summary"]["dead"] < 17_056
+    assert (tmp_path / "demo" / "scan.png").stat().st_size > 10_000
+
+
+def test_audio_options_change_the_probe(tmp_path, mobilenet_v2_path):
+    clips = tmp_path / "clips"
+    sr = 22050
+    t = np.arange(sr) / sr
+    for i in range(3):
+        sf.write(clips.mkdir(exist_ok=True) or clips / f"{i}.ogg", np.sin(2e3 * t * (i + 1)), sr)
+    result = run_cli("scan", mobilenet_v2_path, "--probe", clips, "--modality", "audio",
+                     "--frames", "200", "--mel-bins", "64", "--json", "-")  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["checkpoints"][0]["probe_samples"] == 3
+    bad = run_cli("scan", mobilenet_v2_path, "--probe", clips, "--audio-std", "0")
+    assert bad.code == 2 and "std" in one_error_line(bad.stderr)
