@@ -5,6 +5,7 @@ Reports are plain dataclasses; rendering (table, JSON, plot) lives in :mod:`bnfi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -122,7 +123,7 @@ def scan_static(ckpt: Checkpoint, t: Thresholds = Thresholds()) -> CheckpointSca
 def scan_probe(
     ckpt: Checkpoint,
     model: torch.nn.Module,
-    batches: list[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     *,
     modality: str | None,
     t: Thresholds = Thresholds(),
@@ -148,5 +149,5 @@ def scan_probe(
         report.notes.append(
             f"{len(unprobed)} BN layers were not reached by the probe (e.g. {unprobed[0]})"
         )
-    report.probe_samples = sum(len(b) for b in batches)
+    report.probe_samples = max((st.samples for st in stats.values()), default=0)
     return report

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import track
 
 from bnfix.architectures import build_model, recognise, stem_in_channels
 from bnfix.checkpoint import Checkpoint, load_checkpoint
+from bnfix.errors import BnfixError
 from bnfix.masks import Thresholds
 from bnfix.probe import AudioOptions, ImageOptions, Probe, adapt_channels, batches, load_probe
 from bnfix.scan import CheckpointScan, scan_probe, scan_static
@@ -48,14 +50,12 @@ def run_scan(request: ScanRequest, console: Console) -> list[CheckpointScan]:
             )
         for source, reason in probe.skipped:
             console.print(f"[yellow]skipped[/yellow] {source}: {reason}", highlight=False)
-    scans = []
-    for ckpt in checkpoints:
-        with console.status(f"scanning {ckpt.path.name}"):
-            scans.append(scan_one(ckpt, probe, request))
-    return scans
+    return [scan_one(ckpt, probe, request, console) for ckpt in checkpoints]
 
 
-def scan_one(ckpt: Checkpoint, probe: Probe | None, request: ScanRequest) -> CheckpointScan:
+def scan_one(
+    ckpt: Checkpoint, probe: Probe | None, request: ScanRequest, console: Console | None = None
+) -> CheckpointScan:
     """Static scan always; with a probe, the model is built and the probe run through it."""
     if probe is None:
         report = scan_static(ckpt, request.thresholds)
@@ -64,7 +64,7 @@ def scan_one(ckpt: Checkpoint, probe: Probe | None, request: ScanRequest) -> Che
         if recognition is None:
             report.notes.append(
                 "architecture not recognised: a probe scan needs --arch "
-                "(a torchvision name, pkg.module:factory or timm:NAME)"
+                "(a torchvision name, pkg.module:factory or timm:NAME)" + _select_hint(ckpt)
             )
         else:
             report.architecture = recognition.name
@@ -72,12 +72,20 @@ def scan_one(ckpt: Checkpoint, probe: Probe | None, request: ScanRequest) -> Che
         if request.modality:
             report.notes.append("no --probe given: static scan only")
         return report
+    if request.arch is None and recognise(ckpt.state_dict) is None and _select_hint(ckpt):
+        raise BnfixError(
+            "the checkpoint holds several models and a probe runs one" + _select_hint(ckpt),
+            ckpt.path,
+        )
     model, recognition = build_model(ckpt.state_dict, request.arch)
     x = adapt_channels(probe.tensor, stem_in_channels(model), str(request.probe))
+    chunks = batches(x, request.batch_size)
+    if console is not None:  # a progress bar on the terminal; silent when piped
+        chunks = track(chunks, f"probing {ckpt.path.name}", console=console, transient=True)
     report = scan_probe(
         ckpt,
         model,
-        batches(x, request.batch_size),
+        chunks,
         modality=probe.modality or request.modality,
         t=request.thresholds,
         device=request.device,
@@ -90,3 +98,32 @@ def scan_one(ckpt: Checkpoint, probe: Probe | None, request: ScanRequest) -> Che
             f"probe adapted from {probe.tensor.shape[1]} to {x.shape[1]} input channels"
         )
     return report
+
+
+def sub_models(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Recognisable models under top-level prefixes, e.g. an audio-visual model's encoders.
+
+    The paper's audio-visual checkpoints keep ``audio_net.*`` and ``visual_net.*`` side by
+    side; neither is recognisable as a whole, each is on its own.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            groups.setdefault(head + ".", {})[rest] = tensor
+    if len(groups) > 8:  # a plain network's own top-level modules, not sub-models
+        return {}
+    found = {}
+    for prefix, sub in groups.items():
+        recognition = recognise(sub) if len(sub) >= 10 else None
+        if recognition is not None:
+            found[prefix] = recognition.name
+    return found
+
+
+def _select_hint(ckpt: Checkpoint) -> str:
+    found = sub_models(ckpt.state_dict)
+    if not found:
+        return ""
+    listed = ", ".join(f"{prefix} ({name})" for prefix, name in found.items())
+    return f"; it holds {listed}: pass --select {next(iter(found))} to probe one"

@@ -285,3 +285,30 @@ def test_audio_options_change_the_probe(tmp_path, mobilenet_v2_path):
     assert json.loads(result.stdout)["checkpoints"][0]["probe_samples"] == 3
     bad = run_cli("scan", mobilenet_v2_path, "--probe", clips, "--audio-std", "0")
     assert bad.code == 2 and "std" in one_error_line(bad.stderr)
+
+
+def test_audio_visual_checkpoint_points_to_select(audio_resnet, wav_flac_probe, tmp_path):
+    """The paper's audio-visual checkpoints hold audio_net.* and visual_net.* side by side."""
+    ckpt, planted = audio_resnet
+    audio = {k.removeprefix("module."): v for k, v in torch.load(ckpt)["state_dict"].items()}
+    visual = torchvision.models.resnet18(num_classes=31).state_dict()
+    both = {f"audio_net.{k}": v for k, v in audio.items()}
+    both |= {f"visual_net.{k}": v for k, v in visual.items()}
+    path = tmp_path / "av.pt"
+    torch.save({"model": both}, path)
+
+    static = run_cli("scan", path, "--json", "-")
+    assert static.code == 0, static.stderr
+    entry = json.loads(static.stdout)["checkpoints"][0]
+    assert entry["summary"]["bn_layers"] == 40 and entry["architecture"] is None
+    assert any("audio_net. (resnet18), visual_net. (resnet18)" in n for n in entry["notes"])
+
+    probed = run_cli("scan", path, "--probe", wav_flac_probe)
+    assert probed.code == 2 and "--select audio_net." in one_error_line(probed.stderr)
+
+    selected = run_cli("scan", path, "--select", "audio_net.", "--probe", wav_flac_probe,
+                       "--json", "-")  # fmt: skip
+    assert selected.code == 0, selected.stderr
+    entry = json.loads(selected.stdout)["checkpoints"][0]
+    dead = {layer["name"]: set(layer["dead"]) for layer in entry["layers"] if layer["dead"]}
+    assert entry["architecture"] == "resnet18" and dead == planted
