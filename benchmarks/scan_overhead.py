@@ -1,9 +1,9 @@
 """What a probe scan costs over a bare forward pass on the same batches, measured in one run.
 
-Time: the median of interleaved repetitions (bare, scan, bare, scan, ...) after a warm-up, in
-this process. Memory: each variant runs once in a fresh subprocess that resets its peak-RSS mark once
-the model and batches are in memory, then reads the peak after the run; the table shows the
-whole peak and its growth above that floor (the activations: what the hooks could inflate).
+Time: the median of interleaved repetitions (bare, scan, bare, scan, ...) after a warm-up,
+in this process. Memory: each variant runs once in a fresh subprocess that resets its peak-RSS
+mark once the model and batches are in memory, then reads the peak after the run; the table
+shows the whole peak and its growth above that floor (the activations, which hooks inflate).
 The children run with glibc's mmap threshold fixed at 64 KiB so that freed tensors leave the
 resident set at once: RSS then follows live tensors, not allocator fragmentation.
 The bare pass uses the same batch-statistics BN mode as the scan, so the ratios isolate

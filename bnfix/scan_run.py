@@ -60,7 +60,12 @@ def scan_one(
     if probe is None:
         report = scan_static(ckpt, request.thresholds)
         report.modality = request.modality
-        recognition = recognise(ckpt.state_dict)
+        # a forced --arch is checked against the keys even without a probe
+        recognition = (
+            build_model(ckpt.state_dict, request.arch)[1]
+            if request.arch
+            else recognise(ckpt.state_dict)
+        )
         if recognition is None:
             report.notes.append(
                 "architecture not recognised: a probe scan needs --arch "

@@ -232,6 +232,7 @@ def test_bad_probe_and_arch_get_one_line_and_exit_2(audio_resnet, tmp_path):
         (["--probe", broken, "--modality", "audio"], "no readable audio sample"),
         (["--probe", tmp_path / "five.pt"], "cannot adapt"),
         (["--probe", tmp_path / "five.pt", "--arch", "resnet50"], "does not fit"),
+        (["--arch", "resnet34"], "--arch resnet34 does not fit"),  # checked without a probe too
         (["--probe", tmp_path / "absent"], "absent"),
         (["--fail-on", "2"], "--fail-on"),
         (["--bogus"], "No such option"),

@@ -9,12 +9,14 @@ import zlib
 import pytest
 import torch
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from bnfix.bn_layers import find_bn_layers
 from bnfix.checkpoint import Checkpoint
 from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, collapsed_mask
-from bnfix.probe_stats import batch_statistics_mode, collect
+from bnfix.probe_stats import _Accumulator, batch_statistics_mode, collect
 from bnfix.scan import scan_probe, scan_static
 
 ARCHS = ["resnet18", "mobilenet_v2", "efficientnet_b0"]
@@ -186,3 +188,21 @@ def test_batch_statistics_mode_restores_the_model():
         assert torch.equal(out1, out2)
     assert model.training and bn.running_mean is mean and bn.running_var is var
     assert int(bn.num_batches_tracked) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=6),
+    shift=st.floats(-1e3, 1e3),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_chan_merge_equals_the_pooled_mean_and_variance(sizes, shift, scale):
+    """However a probe is split into batches, the pooled statistics are the whole probe's."""
+    gen = torch.Generator().manual_seed(len(sizes))
+    data = torch.randn(sum(sizes), 3, dtype=torch.float64, generator=gen) * scale + shift
+    acc = _Accumulator()
+    for part in data.split(sizes):
+        acc.add_input(part.mean(0), part.var(0, unbiased=False), part.shape[0])
+    assert torch.allclose(acc.mean, data.mean(0), rtol=1e-9, atol=1e-9 * scale)
+    want = data.var(0, unbiased=False)
+    assert torch.allclose(acc.m2 / acc.elements, want, rtol=1e-7, atol=1e-12 * scale**2)
