@@ -245,15 +245,16 @@ def plot(scans: Sequence[CheckpointScan], target: Path) -> None:
         xs = range(len(scan.layers))
         abnormal = [100 * len(x.abnormal) / x.channels for x in scan.layers]
         probed = scan.probe_samples > 0
+        dead = [100 * len(x.unusable) / x.channels for x in scan.layers]
         width = 0.4 if probed else 0.8
         ax.bar([x - width / 2 if probed else x for x in xs], abnormal, width, label="abnormal %")
         if probed:
-            dead = [100 * len(x.unusable) / x.channels for x in scan.layers]
             ax.bar([x + width / 2 for x in xs], dead, width, label="dead %", color="tab:red")
         ax.set_title(f"{Path(scan.path).name} ({scan.architecture or 'unknown'})", fontsize=9)
         ax.set_ylabel("% of channels")
         ax.set_xlabel("BN layer (network order)")
-        ax.set_ylim(0, 100)
+        tallest = max([*abnormal, *(dead if probed else [])], default=0.0)
+        ax.set_ylim(0, min(100.0, max(10.0, 1.15 * tallest)))
         ax.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
