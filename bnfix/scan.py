@@ -102,7 +102,10 @@ def add_probe_signals(
 
 def scan_static(ckpt: Checkpoint, t: Thresholds = Thresholds()) -> CheckpointScan:
     """The scan every checkpoint gets: no model, no data, just the stored BN tensors."""
-    bns = find_bn_layers(ckpt.state_dict)
+    return _static(ckpt, find_bn_layers(ckpt.state_dict), t)
+
+
+def _static(ckpt: Checkpoint, bns: list[BNParams], t: Thresholds) -> CheckpointScan:
     if not bns:
         raise BnfixError(
             "no BatchNorm layer found (no keys ending in weight/bias/running_mean/running_var "
@@ -131,7 +134,8 @@ def scan_probe(
     probe_path: str | None = None,
 ) -> CheckpointScan:
     """Static scan plus what the probe shows, with ``model`` holding ``ckpt``'s weights."""
-    report = scan_static(ckpt, t)
+    bns = find_bn_layers(ckpt.state_dict)
+    report = _static(ckpt, bns, t)
     report.modality = modality
     model = model.to(device=device, dtype=torch.float32)  # half-precision checkpoints too
     try:
@@ -140,10 +144,9 @@ def scan_probe(
         message = " ".join(str(exc).split())[:200]
         raise BnfixError(f"the model cannot run on this probe ({message})", probe_path) from None
     modules = bn_modules(model)
-    bns = {bn.name: bn for bn in find_bn_layers(ckpt.state_dict)}
-    for layer in report.layers:
+    for layer, bn in zip(report.layers, bns, strict=True):
         if layer.name in stats and layer.name in modules:
-            add_probe_signals(layer, bns[layer.name], stats[layer.name], modules[layer.name].eps, t)
+            add_probe_signals(layer, bn, stats[layer.name], modules[layer.name].eps, t)
     unprobed = [layer.name for layer in report.layers if layer.dead is None]
     if unprobed:
         report.notes.append(

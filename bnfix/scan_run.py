@@ -77,11 +77,10 @@ def scan_one(
         if request.modality:
             report.notes.append("no --probe given: static scan only")
         return report
-    if request.arch is None and recognise(ckpt.state_dict) is None and _select_hint(ckpt):
-        raise BnfixError(
-            "the checkpoint holds several models and a probe runs one" + _select_hint(ckpt),
-            ckpt.path,
-        )
+    if request.arch is None and recognise(ckpt.state_dict) is None:
+        hint = _select_hint(ckpt)
+        if hint:  # else build_model says what it could not recognise
+            raise BnfixError("holds several models and a probe runs one" + hint, ckpt.path)
     model, recognition = build_model(ckpt.state_dict, request.arch)
     x = adapt_channels(probe.tensor, stem_in_channels(model), str(request.probe))
     chunks = batches(x, request.batch_size)
