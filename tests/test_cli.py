@@ -313,3 +313,24 @@ def test_audio_visual_checkpoint_points_to_select(audio_resnet, wav_flac_probe, 
     entry = json.loads(selected.stdout)["checkpoints"][0]
     dead = {layer["name"]: set(layer["dead"]) for layer in entry["layers"] if layer["dead"]}
     assert entry["architecture"] == "resnet18" and dead == planted
+
+
+def test_audio_pretrained_checkpoint_probed_on_images(audio_resnet, tmp_path):
+    """The paper's other direction: an audio ResNet-18 (1-channel stem) on RGB frames."""
+    from PIL import Image
+
+    ckpt, planted = audio_resnet
+    frames = tmp_path / "video" / "clip0"
+    frames.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        pixels = (rng.random((120, 160, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(frames / f"frame{i:03d}.png")
+    result = run_cli("scan", ckpt, "--modality", "visual", "--probe", tmp_path / "video",
+                     "--image-size", "64", "--json", "-")  # fmt: skip
+    assert result.code == 0, result.stderr
+    entry = json.loads(result.stdout)["checkpoints"][0]
+    assert entry["probe_samples"] == 4 and entry["modality"] == "visual"
+    assert "probe adapted from 3 to 1 input channels" in entry["notes"]
+    dead = {layer["name"]: set(layer["dead"]) for layer in entry["layers"] if layer["dead"]}
+    assert dead == planted
