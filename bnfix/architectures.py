@@ -37,7 +37,7 @@ from itertools import chain
 import torch
 from torch import Tensor, nn
 
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 
 __all__ = ["Recognition", "build_model", "empty_weights", "recognise", "stem_in_channels"]
 
@@ -700,8 +700,9 @@ def _build_torchvision(
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """The exception's type and message: a user's own factory raises, so the type helps."""
+    name, message = type(exc).__name__, one_line(exc, limit=None)
+    return name if message == name else f"{name}: {message}"
 
 
 def _resolve_factory(spec: str) -> Callable[[], object]:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 #: Keys under which training frameworks nest the weights, most specific first. EMA variants
@@ -141,7 +141,7 @@ def _read_torch(path: Path) -> object:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise BnfixError(
-            f"cannot read this PyTorch file, it looks truncated or corrupt ({_short(exc)})", path
+            f"cannot read this PyTorch file, it looks truncated or corrupt ({one_line(exc)})", path
         ) from None
 
 
@@ -153,15 +153,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         header = json.loads(data[8 : 8 + header_len])
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise BnfixError(
-            f"cannot read this safetensors file, it looks truncated or corrupt ({_short(exc)})",
+            f"cannot read this safetensors file, it looks truncated or corrupt ({one_line(exc)})",
             path,
         ) from None
     return tensors, dict(header.get("__metadata__") or {})
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:160] + ("…" if len(text) > 160 else "")
 
 
 def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -10,6 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(exc: BaseException, limit: int | None = 160) -> str:
+    """An exception's message fit for a one-line error: whitespace collapsed, length bounded.
+
+    Library exceptions (torch, libsndfile, zip) often span several lines; the CLI's contract
+    is one line on stderr.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if limit is None or len(text) <= limit:
+        return text
+    return text[:limit] + "…"
+
+
 class BnfixError(Exception):
     """A user-facing error: the message is one line that names the file and what to do."""
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 from bnfix.probe_audio import (
     AudioOptions,
     audio_features,
@@ -335,14 +335,14 @@ def _load_pt(path: Path) -> object:
             "save a plain tensor or a dict of tensors"
         ) from e
     except Exception as e:  # corrupt zips and truncated pickles raise assorted types
-        raise BnfixError(f"cannot load tensor file: {_first_line(e)}") from e
+        raise BnfixError(f"cannot load tensor file: {one_line(e)}") from e
 
 
 def _load_npy(path: Path) -> torch.Tensor:
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as e:  # ValueError for object arrays, OSError/EOFError when truncated
-        raise BnfixError(f"cannot load .npy file: {_first_line(e)}") from e
+        raise BnfixError(f"cannot load .npy file: {one_line(e)}") from e
     if not isinstance(array, np.ndarray):
         raise BnfixError("holds several arrays (.npz); save one array as .npy")
     if array.dtype.kind != "f":
@@ -356,7 +356,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError, or OSError for an unreadable file
-        raise BnfixError(f"cannot load safetensors file: {_first_line(e)}") from e
+        raise BnfixError(f"cannot load safetensors file: {one_line(e)}") from e
 
 
 def _pick_tensor(obj: object) -> torch.Tensor:
@@ -394,7 +394,3 @@ def _as_batch(t: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise BnfixError("holds NaN or infinite values")
     return t
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e) or type(e).__name__).strip().splitlines()[0]

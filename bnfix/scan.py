@@ -12,7 +12,7 @@ import torch
 
 from bnfix.bn_layers import BNParams, find_bn_layers
 from bnfix.checkpoint import Checkpoint
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, collapsed_mask, indices
 from bnfix.probe_stats import ChannelStats, bn_modules, collect, log_var_ratio, mean_shift
 
@@ -141,7 +141,7 @@ def scan_probe(
     try:
         stats = collect(model, batches, device)
     except RuntimeError as exc:
-        message = " ".join(str(exc).split())[:200]
+        message = one_line(exc, limit=200)
         raise BnfixError(f"the model cannot run on this probe ({message})", probe_path) from None
     modules = bn_modules(model)
     for layer, bn in zip(report.layers, bns, strict=True):
