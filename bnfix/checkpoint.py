@@ -15,7 +15,6 @@ import pickle
 import re
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +138,10 @@ def _read_torch(path: Path) -> object:
             "torch.save(model.state_dict(), ...) or as .safetensors",
             path,
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:
+        # Corrupt bytes reach torch's weights-only unpickler, which fails with whatever the
+        # broken opcode stream triggers (IndexError, KeyError, struct.error, ...), not only
+        # RuntimeError; every one of them means the same thing to the user.
         raise BnfixError(
             f"cannot read this PyTorch file, it looks truncated or corrupt ({one_line(exc)})", path
         ) from None
