@@ -1,0 +1,240 @@
+"""Adaptive BatchNorm Re-initialisation (ABRi) as a drop-in module, plus ``convert`` and ``fold``.
+
+The paper's block mixes the pretrained BN with a fresh twin, ``y = α·BN_pre(x) + (1−α)·BN_new(x)``.
+Both BNs see the same batch statistics in training, so the mix *is* one batch norm with
+``γ_eff = αγ_pre + (1−α)γ_new`` and ``β_eff = αβ_pre + (1−α)β_new``; autograd through ``γ_eff`` and
+``β_eff`` gives exactly the two-BN gradients. The fresh BN's running statistics follow from the
+pretrained one's update by an O(C) identity instead of a second pass over the activations. In
+eval mode the block is a per-channel affine map, written as the parameters of one BatchNorm so
+that the forward is the same single kernel a plain BN runs (and :func:`fold` is that map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfix.errors import BnfixError
+
+Per = Literal["layer", "channel"]
+PER_CHOICES: tuple[str, ...] = ("layer", "channel")
+
+
+class ABRiBatchNorm2d(nn.Module):
+    """``α ⊙ original(x) + (1 − α) ⊙ additional(x)`` in one normalisation pass.
+
+    State-dict keys: ``original.*`` (the pretrained BN, unchanged), ``additional.*`` (fresh:
+    γ=1, β=0, running mean 0, var 1, same eps and momentum) and ``alpha`` (shape ``[1]`` per
+    layer or ``[C]`` per channel). The two BNs stay real ``nn.BatchNorm2d`` modules so their
+    tensors keep the names every tool expects.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        alpha: float = 0.5,
+        per: Per = "layer",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if per not in PER_CHOICES:
+            raise BnfixError(f"alpha per must be one of {', '.join(PER_CHOICES)}, not {per!r}")
+        check_alpha(alpha)
+        kw = {"device": device, "dtype": dtype}
+        self.original = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, **kw)
+        self.additional = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, **kw)
+        size = 1 if per == "layer" else num_features
+        self.alpha = nn.Parameter(torch.full((size,), float(alpha), device=device, dtype=dtype))
+
+    @classmethod
+    def from_batchnorm(
+        cls, bn: nn.BatchNorm2d, alpha: float = 0.5, per: Per = "layer"
+    ) -> ABRiBatchNorm2d:
+        """Wrap ``bn`` (its tensors are moved in, not copied) next to a fresh twin."""
+        if not bn.affine or not bn.track_running_stats:
+            raise BnfixError(
+                "ABRi needs an affine BatchNorm2d that tracks running statistics "
+                f"(affine={bn.affine}, track_running_stats={bn.track_running_stats})"
+            )
+        ref = bn.weight
+        block = cls(bn.num_features, bn.eps, bn.momentum, alpha, per, ref.device, ref.dtype)
+        block.original = bn
+        block.train(bn.training)
+        return block
+
+    @property
+    def per(self) -> Per:
+        return "layer" if self.alpha.numel() == 1 else "channel"
+
+    @property
+    def num_features(self) -> int:
+        return self.original.num_features
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, per={self.per}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input [N, C, H, W], got {x.dim()}-D")
+        if not self.training:
+            weight, bias, mean, var = folded_parameters(self)
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.original.eps)
+        return self._train_forward(x)
+
+    def _train_forward(self, x: Tensor) -> Tensor:
+        pre, new = self.original, self.additional
+        a = self.alpha
+        weight = a * pre.weight + (1 - a) * new.weight
+        bias = a * pre.bias + (1 - a) * new.bias
+        f_pre, f_new = _step_factor(pre), _step_factor(new)
+        if f_pre == f_new:
+            # Same update factor m for both: r_new' = r_pre' + (1 − m)(r_new − r_pre).
+            old_mean, old_var = pre.running_mean.clone(), pre.running_var.clone()
+            y = F.batch_norm(
+                x, pre.running_mean, pre.running_var, weight, bias, True, f_pre, pre.eps
+            )
+            with torch.no_grad():
+                keep = 1.0 - f_pre
+                new.running_mean.sub_(old_mean).mul_(keep).add_(pre.running_mean)
+                new.running_var.sub_(old_var).mul_(keep).add_(pre.running_var)
+            return y
+        # Cumulative averaging with different batch counts: the identity needs one factor, so
+        # take the batch statistics the kernel computed anyway and update the twin directly.
+        y, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, pre.running_mean, pre.running_var, True, f_pre, pre.eps
+        )
+        with torch.no_grad():
+            n = x.numel() // x.shape[1]
+            var = (invstd.double().pow(-2) - pre.eps).clamp_(min=0) * (n / max(n - 1, 1))
+            new.running_mean.lerp_(mean.to(new.running_mean.dtype), f_new)
+            new.running_var.lerp_(var.to(new.running_var.dtype), f_new)
+        return y
+
+
+def _step_factor(bn: nn.BatchNorm2d) -> float:
+    """Count the batch and return the running-statistics factor, as ``_BatchNorm.forward`` does."""
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        return 1.0 / float(bn.num_batches_tracked)
+    return float(bn.momentum)
+
+
+def folded_parameters(
+    block: ABRiBatchNorm2d, dtype: torch.dtype | None = None
+) -> tuple[Tensor, ...]:
+    """``(weight, bias, running_mean, running_var)`` of one BN equal to ``block`` in eval mode.
+
+    Eval mode is ``x·s + t`` per channel with ``s = Σ_i a_i γ_i/√(v_i+ε)`` and
+    ``t = Σ_i a_i (β_i − μ_i γ_i/√(v_i+ε))`` over the two BNs (weights ``α`` and ``1 − α``).
+    The folded statistics are a convex mix of the two running statistics, and γ, β follow from
+    ``s`` and ``t``: so once the two running statistics agree (they converge during
+    fine-tuning) the folded BN has ``γ = γ_eff`` and ``β = β_eff`` and matches the block in
+    training mode too. Differentiable in α, γ and β (eval-mode fine-tuning works).
+    """
+    pre, new = block.original, block.additional
+    dtype = dtype or pre.weight.dtype
+    eps = pre.eps
+    a = block.alpha.to(dtype)
+    w = a.clamp(0, 1).detach()  # weights of the statistics mix: convex, so the variance stays ≥ 0
+    mean_pre, var_pre = pre.running_mean.to(dtype), pre.running_var.to(dtype)
+    mean_new, var_new = new.running_mean.to(dtype), new.running_var.to(dtype)
+    s_pre = pre.weight.to(dtype) * torch.rsqrt(var_pre + eps)
+    s_new = new.weight.to(dtype) * torch.rsqrt(var_new + eps)
+    scale = a * s_pre + (1 - a) * s_new
+    shift = a * (pre.bias.to(dtype) - mean_pre * s_pre) + (1 - a) * (
+        new.bias.to(dtype) - mean_new * s_new
+    )
+    mean = w * mean_pre + (1 - w) * mean_new
+    var = w * var_pre + (1 - w) * var_new
+    weight = scale * torch.sqrt(var + eps)
+    bias = shift + mean * scale
+    return weight, bias, mean.detach(), var.detach()
+
+
+def check_alpha(alpha: float) -> None:
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise BnfixError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def convert(
+    model: nn.Module, alpha: float = 0.5, per: Per = "layer", only: Iterable[str] | None = None
+) -> nn.Module:
+    """Swap ``nn.BatchNorm2d`` modules for ABRi blocks in place (by module name); return ``model``.
+
+    ``only`` restricts the swap to the named modules. Other batch norms that act on feature
+    maps (SyncBatchNorm, timm's BatchNormAct2d and other subclasses) are refused: swapping them
+    would silently drop what they add. BatchNorm1d/3d are left alone.
+    """
+    check_alpha(alpha)
+    if per not in PER_CHOICES:
+        raise BnfixError(f"alpha per must be one of {', '.join(PER_CHOICES)}, not {per!r}")
+    wanted = None if only is None else set(only)
+    found: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, _BatchNorm) or (wanted is not None and name not in wanted):
+            continue
+        if type(module) in (nn.BatchNorm1d, nn.BatchNorm3d):
+            continue  # not a 2-D feature map: ABRi is defined for conv BNs only
+        if type(module) is not nn.BatchNorm2d:
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            raise BnfixError(
+                f"{name} is a {kind}, not a plain BatchNorm2d; ABRi converts plain "
+                "nn.BatchNorm2d only (replace it first, or leave the layer out with only=...)"
+            )
+        found.add(name)
+        _set_submodule(model, name, ABRiBatchNorm2d.from_batchnorm(module, alpha, per))
+    if wanted is not None and (missing := sorted(wanted - found)):
+        raise BnfixError(f"no BatchNorm2d named {', '.join(missing)} in the model")
+    return model
+
+
+def fold(model: nn.Module) -> nn.Module:
+    """Replace every ABRi block by the one ``nn.BatchNorm2d`` it equals in eval mode, in place.
+
+    Folding is computed in float64 and stored in the block's dtype; each new module keeps the
+    block's train/eval mode, device and dtype, and the pretrained BN's eps, momentum and batch
+    count.
+    """
+    if isinstance(model, ABRiBatchNorm2d):
+        return fold_block(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ABRiBatchNorm2d):
+            _set_submodule(model, name, fold_block(module))
+    return model
+
+
+def fold_block(block: ABRiBatchNorm2d) -> nn.BatchNorm2d:
+    pre = block.original
+    bn = nn.BatchNorm2d(
+        pre.num_features, pre.eps, pre.momentum, device=pre.weight.device, dtype=pre.weight.dtype
+    )
+    with torch.no_grad():
+        weight, bias, mean, var = folded_parameters(block, torch.float64)
+        for target, value in zip(
+            (bn.weight, bn.bias, bn.running_mean, bn.running_var),
+            (weight, bias, mean, var),
+            strict=True,
+        ):
+            target.copy_(value)
+        bn.num_batches_tracked.copy_(pre.num_batches_tracked)
+    bn.train(block.training)
+    return bn
+
+
+def abri_blocks(model: nn.Module) -> dict[str, ABRiBatchNorm2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ABRiBatchNorm2d)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    if not name:
+        raise BnfixError("convert/fold act on the modules inside a model, not on a bare BatchNorm")
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
