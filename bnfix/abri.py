@@ -91,9 +91,8 @@ class ABRiBatchNorm2d(nn.Module):
 
     def _train_forward(self, x: Tensor) -> Tensor:
         pre, new = self.original, self.additional
-        a = self.alpha
-        weight = a * pre.weight + (1 - a) * new.weight
-        bias = a * pre.bias + (1 - a) * new.bias
+        weight = mix(self.alpha, pre.weight, new.weight)
+        bias = mix(self.alpha, pre.bias, new.bias)
         f_pre, f_new = _step_factor(pre), _step_factor(new)
         if f_pre == f_new:
             # Same update factor m for both: r_new' = r_pre' + (1 − m)(r_new − r_pre).
@@ -127,36 +126,47 @@ def _step_factor(bn: nn.BatchNorm2d) -> float:
     return float(bn.momentum)
 
 
+def mix(alpha: Tensor, pre: Tensor, new: Tensor) -> Tensor:
+    """``α·pre + (1 − α)·new``: the block's effective γ or β in training mode."""
+    return alpha * pre + (1 - alpha) * new
+
+
+def mixed_statistics(
+    alpha: Tensor, mean_pre: Tensor, var_pre: Tensor, mean_new: Tensor, var_new: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One set of running statistics standing for both BNs' (equal to both once they agree).
+
+    The weights are α clamped to [0, 1], so the mix is convex and the variance stays ≥ 0 even
+    when fine-tuning pushed α outside the unit interval.
+    """
+    w = alpha.detach().clamp(0, 1)
+    return mix(w, mean_pre, mean_new), mix(w, var_pre, var_new)
+
+
 def folded_parameters(
     block: ABRiBatchNorm2d, dtype: torch.dtype | None = None
-) -> tuple[Tensor, ...]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(weight, bias, running_mean, running_var)`` of one BN equal to ``block`` in eval mode.
 
     Eval mode is ``x·s + t`` per channel with ``s = Σ_i a_i γ_i/√(v_i+ε)`` and
     ``t = Σ_i a_i (β_i − μ_i γ_i/√(v_i+ε))`` over the two BNs (weights ``α`` and ``1 − α``).
-    The folded statistics are a convex mix of the two running statistics, and γ, β follow from
-    ``s`` and ``t``: so once the two running statistics agree (they converge during
-    fine-tuning) the folded BN has ``γ = γ_eff`` and ``β = β_eff`` and matches the block in
-    training mode too. Differentiable in α, γ and β (eval-mode fine-tuning works).
+    The folded statistics are :func:`mixed_statistics`, and γ, β follow from ``s`` and ``t``:
+    once the two running statistics agree (they converge during fine-tuning) the folded BN has
+    ``γ = γ_eff`` and ``β = β_eff`` and matches the block in training mode too.
+    Differentiable in α, γ and β, so eval-mode fine-tuning trains them correctly.
     """
     pre, new = block.original, block.additional
     dtype = dtype or pre.weight.dtype
     eps = pre.eps
     a = block.alpha.to(dtype)
-    w = a.clamp(0, 1).detach()  # weights of the statistics mix: convex, so the variance stays ≥ 0
     mean_pre, var_pre = pre.running_mean.to(dtype), pre.running_var.to(dtype)
     mean_new, var_new = new.running_mean.to(dtype), new.running_var.to(dtype)
     s_pre = pre.weight.to(dtype) * torch.rsqrt(var_pre + eps)
     s_new = new.weight.to(dtype) * torch.rsqrt(var_new + eps)
-    scale = a * s_pre + (1 - a) * s_new
-    shift = a * (pre.bias.to(dtype) - mean_pre * s_pre) + (1 - a) * (
-        new.bias.to(dtype) - mean_new * s_new
-    )
-    mean = w * mean_pre + (1 - w) * mean_new
-    var = w * var_pre + (1 - w) * var_new
-    weight = scale * torch.sqrt(var + eps)
-    bias = shift + mean * scale
-    return weight, bias, mean.detach(), var.detach()
+    scale = mix(a, s_pre, s_new)
+    shift = mix(a, pre.bias.to(dtype) - mean_pre * s_pre, new.bias.to(dtype) - mean_new * s_new)
+    mean, var = mixed_statistics(a, mean_pre, var_pre, mean_new, var_new)
+    return scale * torch.sqrt(var + eps), shift + mean * scale, mean.detach(), var.detach()
 
 
 def check_alpha(alpha: float) -> None:

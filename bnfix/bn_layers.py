@@ -1,4 +1,8 @@
-"""BatchNorm layers found from a state dict's keys alone, so a static scan needs no model."""
+"""BatchNorm layers found from a state dict's keys alone, so a static scan needs no model.
+
+An ABRi block counts as one layer, named by its module path, with the parameters it acts with
+in training (γ_eff, β_eff) and its mixed running statistics: what it does, not how it is stored.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from bnfix.abri import mix, mixed_statistics
+from bnfix.abri_keys import ADDITIONAL, ALPHA, ORIGINAL, abri_prefixes
 
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
@@ -45,4 +52,30 @@ def find_bn_layers(state_dict: Mapping[str, torch.Tensor]) -> list[BNParams]:
         if len({t.numel() for t in fields.values()}) != 1:
             continue
         layers.append(BNParams(name, *(fields[f].detach().double().cpu() for f in BN_FIELDS)))
-    return layers
+    return _merge_abri(state_dict, layers)
+
+
+def _merge_abri(state_dict: Mapping[str, torch.Tensor], layers: list[BNParams]) -> list[BNParams]:
+    blocks = set(abri_prefixes(state_dict))
+    if not blocks:
+        return layers
+    by_name = {layer.name: layer for layer in layers}
+    merged = []
+    for layer in layers:
+        block, _, part = layer.name.rpartition(".")
+        if block not in blocks:
+            merged.append(layer)
+        elif part == ORIGINAL and f"{block}.{ADDITIONAL}" in by_name:
+            merged.append(_effective(block, layer, by_name[f"{block}.{ADDITIONAL}"], state_dict))
+    return merged
+
+
+def _effective(
+    name: str, pre: BNParams, new: BNParams, state_dict: Mapping[str, torch.Tensor]
+) -> BNParams:
+    alpha = state_dict[f"{name}.{ALPHA}"].detach().double().cpu()
+    mean, var = mixed_statistics(
+        alpha, pre.running_mean, pre.running_var, new.running_mean, new.running_var
+    )
+    weight, bias = mix(alpha, pre.weight, new.weight), mix(alpha, pre.bias, new.bias)
+    return BNParams(name, weight.expand_as(pre.weight), bias.expand_as(pre.bias), mean, var)

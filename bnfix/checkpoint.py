@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from bnfix.abri_keys import from_official
 from bnfix.errors import BnfixError, one_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -117,6 +118,9 @@ def load_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
             raise BnfixError(f"no key starts with {prefix!r}; check --select", path)
         state = picked
         notes.append(f"selected keys under '{prefix}'")
+    state, official = from_official(state)
+    if official:
+        notes.append("renamed the official ABRi ResNet layout (bn*_addition, fusion_weight*)")
     return Checkpoint(path, state, sha256_file(path), fmt, notes, metadata)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,69 @@ def check_output(path: Path, suffix: str | None, inputs: list[Path], option: str
         raise BnfixError(f"{option}: folder {path.parent} does not exist", path)
     if any(path.resolve() == p.resolve() for p in inputs):
         raise BnfixError(f"{option} would overwrite an input file; pick another name", path)
+
+
+_PROBE_OPTIONS = [
+    click.option(
+        "--sample-rate",
+        default=16000,
+        show_default=True,
+        type=click.IntRange(1000),
+        help="Audio probe: resample to this rate.",
+    ),
+    click.option(
+        "--mel-bins",
+        default=128,
+        show_default=True,
+        type=click.IntRange(4),
+        help="Audio probe: Kaldi fbank mel bins.",
+    ),
+    click.option(
+        "--frames",
+        default=1024,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Audio probe: pad or crop to this many 10 ms frames.",
+    ),
+    click.option("--audio-mean", type=float, help="Audio probe: normalisation mean [probe's own]."),
+    click.option("--audio-std", type=float, help="Audio probe: normalisation std [probe's own]."),
+    click.option(
+        "--image-size",
+        default=224,
+        show_default=True,
+        type=click.IntRange(8),
+        help="Visual probe: centre-crop size (resize to 8/7 of it first).",
+    ),
+]
+
+
+def probe_options(f: Callable) -> Callable:
+    """The audio and image transform options, shared by every command that reads a probe."""
+    for option in reversed(_PROBE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def probe_transforms(
+    sample_rate: int,
+    mel_bins: int,
+    frames: int,
+    audio_mean: float | None,
+    audio_std: float | None,
+    image_size: int,
+) -> dict[str, object]:
+    from bnfix.probe import AudioOptions, ImageOptions
+
+    return {
+        "audio": AudioOptions(
+            sample_rate=sample_rate,
+            num_mel_bins=mel_bins,
+            target_frames=frames,
+            mean=audio_mean,
+            std=audio_std,
+        ),
+        "image": ImageOptions(size=image_size, resize=round(image_size * 8 / 7)),
+    }
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,36 +172,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     type=click.FloatRange(0, 1),
     help="Dead: ≤ 0 on at least this share of samples.",
 )
-@click.option(
-    "--sample-rate",
-    default=16000,
-    show_default=True,
-    type=click.IntRange(1000),
-    help="Audio probe: resample to this rate.",
-)
-@click.option(
-    "--mel-bins",
-    default=128,
-    show_default=True,
-    type=click.IntRange(4),
-    help="Audio probe: Kaldi fbank mel bins.",
-)
-@click.option(
-    "--frames",
-    default=1024,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Audio probe: pad or crop to this many 10 ms frames.",
-)
-@click.option("--audio-mean", type=float, help="Audio probe: normalisation mean [probe's own].")
-@click.option("--audio-std", type=float, help="Audio probe: normalisation std [probe's own].")
-@click.option(
-    "--image-size",
-    default=224,
-    show_default=True,
-    type=click.IntRange(8),
-    help="Visual probe: centre-crop size (resize to 8/7 of it first).",
-)
+@probe_options
 def scan(
     checkpoints: tuple[Path, ...],
     arch: str | None,
@@ -154,15 +189,9 @@ def scan(
     rel_tol: float,
     var_tol: float,
     dead_fraction: float,
-    sample_rate: int,
-    mel_bins: int,
-    frames: int,
-    audio_mean: float | None,
-    audio_std: float | None,
-    image_size: int,
+    **probe_settings: object,
 ) -> None:
     """Find dead BatchNorm channels in one or more checkpoints (shown side by side)."""
-    from bnfix.probe import AudioOptions, ImageOptions
     from bnfix.scan_run import ScanRequest, run_scan
 
     inputs = list(checkpoints) + ([probe] if probe else [])
@@ -180,14 +209,7 @@ def scan(
         batch_size=batch_size,
         device=resolve_device(device),
         thresholds=Thresholds(abs_tol, rel_tol, var_tol, dead_fraction),
-        audio=AudioOptions(
-            sample_rate=sample_rate,
-            num_mel_bins=mel_bins,
-            target_frames=frames,
-            mean=audio_mean,
-            std=audio_std,
-        ),
-        image=ImageOptions(size=image_size, resize=round(image_size * 8 / 7)),
+        **probe_transforms(**probe_settings),
     )
     console = make_console(stderr=json_out == "-")
     scans = run_scan(request, console)
@@ -218,6 +240,131 @@ def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None
 
 
 @cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--modality", type=MODALITIES, required=True, help="What the model will now see.")
+@click.option(
+    "--strategy",
+    default="abri",
+    show_default=True,
+    type=click.Choice(["abri", "reset-dead", "reset-all"]),
+    help="abri: add a fresh BN twin mixed by α; reset-dead: γ=1, β=0 on flagged channels; "
+    "reset-all: every BN to defaults.",
+)
+@click.option(
+    "--alpha",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="ABRi: initial weight of the pretrained BN.",
+)
+@click.option(
+    "--alpha-per",
+    default="layer",
+    show_default=True,
+    type=click.Choice(["layer", "channel"]),
+    help="ABRi: one α per layer or per channel.",
+)
+@click.option(
+    "--probe",
+    type=click.Path(path_type=Path),
+    help="Target-modality data: scan before/after on it (and --recalibrate).",
+)
+@click.option("--probe-limit", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(2))
+@click.option("--recalibrate", is_flag=True, help="Re-estimate running statistics on the probe.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output file (.safetensors, or .pt) [CKPT.STRATEGY.safetensors].",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--arch", help="torchvision name, pkg.module:factory or timm:NAME.")
+@click.option("--select", help="Repair only keys under this prefix (e.g. audio_net.).")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--json", "json_out", metavar="FILE|-", help="Write both scans as JSON.")
+@probe_options
+def repair(
+    checkpoint: Path,
+    modality: str,
+    strategy: str,
+    alpha: float,
+    alpha_per: str,
+    probe: Path | None,
+    probe_limit: int,
+    batch_size: int,
+    recalibrate: bool,
+    out: Path | None,
+    force: bool,
+    arch: str | None,
+    select: str | None,
+    device: str,
+    json_out: str | None,
+    **probe_settings: object,
+) -> None:
+    """Repair dead BN channels for another modality; writes a new checkpoint, never the input."""
+    from bnfix.repair_run import RepairRequest, run_repair
+
+    inputs = [checkpoint] + ([probe] if probe else [])
+    if json_out and json_out != "-":
+        check_output(Path(json_out), ".json", inputs, "--json")
+    if out is not None:
+        check_output(out, None, inputs, "--out")
+    request = RepairRequest(
+        checkpoint=checkpoint,
+        modality=modality,
+        strategy=strategy,
+        alpha=alpha,
+        per=alpha_per,  # type: ignore[arg-type]
+        probe=probe,
+        probe_limit=probe_limit,
+        batch_size=batch_size,
+        recalibrate=recalibrate,
+        out=out,
+        force=force,
+        arch=arch,
+        select=select,
+        device=resolve_device(device),
+        **probe_transforms(**probe_settings),
+    )
+    console = make_console(stderr=json_out == "-")
+    result = run_repair(request, console)
+    show_repair(result, console)
+    if json_out:
+        from bnfix import report
+
+        report.write_json([result.before, result.after], json_out, Console(file=sys.stdout))
+
+
+def show_repair(result: object, console: Console) -> None:
+    from bnfix import report
+
+    report.render([result.before, result.after], console, labels=("before", "after"))
+    console.print(f"wrote {result.out}", highlight=False)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output file.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--arch", help="Architecture, when the checkpoint's metadata does not name it.")
+@click.option("--select", help="Fold only keys under this prefix (e.g. audio_net.).")
+def fold(checkpoint: Path, out: Path, force: bool, arch: str | None, select: str | None) -> None:
+    """Collapse ABRi blocks into plain BatchNorm, so the stock architecture loads the weights."""
+    from bnfix.repair_run import run_fold
+
+    check_output(out, None, [checkpoint], "--out")
+    result = run_fold(checkpoint, out, force=force, arch=arch, select=select)
+    console = make_console()
+    console.print(
+        f"folded {result.blocks} ABRi blocks of {checkpoint.name} ({result.architecture}) into "
+        f"plain BatchNorm; max eval-mode deviation on random inputs "
+        f"{result.max_deviation:.2e} of the output scale",
+        highlight=False,
+    )
+    console.print(f"wrote {result.out}", highlight=False)
+
+
+@cli.command()
 @click.option(
     "--workdir",
     default="bnfix-demo",
@@ -230,6 +377,11 @@ def demo(workdir: Path, device: str) -> None:
     from bnfix.demo import run_demo
 
     run_demo(workdir, resolve_device(device), make_console())
+
+
+from bnfix.fusion.command import fusion_tune  # noqa: E402  (registered after the group exists)
+
+cli.add_command(fusion_tune)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,11 +17,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bnfix.abri import ABRiBatchNorm2d, mix
+
 #: Largest temporary (in elements) a hook may allocate at once; bounds the probe's extra memory.
 _CHUNK_ELEMENTS = 1 << 20
 #: BN classes whose forward is exactly ``F.batch_norm``: for these the probe takes the batch
 #: mean and variance from the normalisation itself instead of a second pass over the input.
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_RECORDS_ITSELF = (*_PLAIN_BN, ABRiBatchNorm2d)
 
 
 @dataclass
@@ -78,7 +81,7 @@ class _Accumulator:
         self.samples += n
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if type(module) not in _PLAIN_BN:  # subclasses: measure the input separately
+        if type(module) not in _RECORDS_ITSELF:  # subclasses: measure the input separately
             x = args[0].detach()
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
             self.add_input(mean, var, x.numel() // x.shape[1])
@@ -96,21 +99,48 @@ class _Accumulator:
         )
 
 
-def _recording_forward(bn: _BatchNorm, acc: _Accumulator):
-    """``F.batch_norm`` in batch-statistics mode that also hands its batch statistics over."""
+def _recording_forward(bn: _BatchNorm | ABRiBatchNorm2d, acc: _Accumulator):
+    """``F.batch_norm`` in batch-statistics mode that also hands its batch statistics over.
+
+    An ABRi block in training mode is one batch norm with its effective γ and β, so it is
+    measured the same way, as one layer.
+    """
+    if isinstance(bn, ABRiBatchNorm2d):
+        pre, new = bn.original, bn.additional
+
+        def affine() -> tuple[torch.Tensor, torch.Tensor]:
+            return mix(bn.alpha, pre.weight, new.weight), mix(bn.alpha, pre.bias, new.bias)
+    else:
+
+        def affine() -> tuple[torch.Tensor, torch.Tensor]:
+            return bn.weight, bn.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        weight, bias = affine()
         out, mean, invstd = torch.native_batch_norm(
-            x, bn.weight, bn.bias, None, None, True, 0.0, bn.eps
+            x, weight, bias, None, None, True, 0.0, bn_eps(bn)
         )
-        acc.add_input(mean, invstd.pow(-2) - bn.eps, x.numel() // x.shape[1])
+        acc.add_input(mean, invstd.pow(-2) - bn_eps(bn), x.numel() // x.shape[1])
         return out
 
     return forward
 
 
-def bn_modules(model: nn.Module) -> dict[str, _BatchNorm]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+def bn_eps(module: nn.Module) -> float:
+    return module.original.eps if isinstance(module, ABRiBatchNorm2d) else module.eps
+
+
+def bn_modules(model: nn.Module) -> dict[str, _BatchNorm | ABRiBatchNorm2d]:
+    """The normalisation layers a scan reports, in module order: BNs, and ABRi blocks as one."""
+    layers: dict[str, _BatchNorm | ABRiBatchNorm2d] = {}
+    inside: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, ABRiBatchNorm2d):
+            layers[name] = module
+            inside.update(f"{name}.{child}" for child in ("original", "additional"))
+        elif isinstance(module, _BatchNorm) and name not in inside:
+            layers[name] = module
+    return layers
 
 
 @contextlib.contextmanager
@@ -124,7 +154,9 @@ def batch_statistics_mode(model: nn.Module) -> Iterator[None]:
     saved = {}
     model.eval()
     try:
-        for name, bn in bn_modules(model).items():
+        for name, bn in model.named_modules():
+            if not isinstance(bn, _BatchNorm):
+                continue
             saved[name] = (bn, bn.running_mean, bn.running_var)
             bn.running_mean = None
             bn.running_var = None
@@ -145,7 +177,7 @@ def collect(
     try:
         for name, bn in modules.items():
             handles.append(bn.register_forward_hook(accumulators[name].hook))
-            if type(bn) in _PLAIN_BN:
+            if type(bn) in _PLAIN_BN or isinstance(bn, ABRiBatchNorm2d):
                 bn.forward = _recording_forward(bn, accumulators[name])
         with batch_statistics_mode(model), torch.inference_mode():
             for batch in batches:

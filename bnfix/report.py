@@ -183,13 +183,15 @@ def single_table(scan: CheckpointScan) -> Table:
     return table
 
 
-def side_by_side_table(scans: Sequence[CheckpointScan]) -> Table:
+def side_by_side_table(
+    scans: Sequence[CheckpointScan], labels: Sequence[str] | None = None
+) -> Table:
     """Layers aligned by name across checkpoints: the paper's before/after view."""
     table = Table(title="BN layers side by side", title_justify="left", header_style="bold")
     table.add_column("BN layer", no_wrap=True)
     table.add_column("ch", justify="right")
     for i, scan in enumerate(scans, 1):
-        label = f"[{i}] {Path(scan.path).name}"
+        label = f"[{i}] {labels[i - 1] if labels else Path(scan.path).name}"
         table.add_column(f"{label}\nabnormal", justify="right")
         table.add_column(f"{label}\ndead %", justify="right")
     names: list[str] = []
@@ -211,13 +213,17 @@ def side_by_side_table(scans: Sequence[CheckpointScan]) -> Table:
     return table
 
 
-def render(scans: Sequence[CheckpointScan], console: Console) -> None:
+def render(
+    scans: Sequence[CheckpointScan], console: Console, labels: Sequence[str] | None = None
+) -> None:
     if len(scans) == 1:
         console.print(single_table(scans[0]))
     else:
-        console.print(side_by_side_table(scans))
+        console.print(side_by_side_table(scans, labels))
     for i, scan in enumerate(scans, 1):
         prefix = f"[{i}] " if len(scans) > 1 else ""
+        if labels:
+            prefix = f"[{i}] {labels[i - 1]}: "
         for note in scan.notes:
             console.print(f"{prefix}[dim]note: {note}[/dim]", highlight=False)
         console.print(f"{prefix}[bold]verdict:[/bold] {verdict(scan)}", highlight=False)

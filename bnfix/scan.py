@@ -14,7 +14,14 @@ from bnfix.bn_layers import BNParams, find_bn_layers
 from bnfix.checkpoint import Checkpoint
 from bnfix.errors import BnfixError, one_line
 from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, collapsed_mask, indices
-from bnfix.probe_stats import ChannelStats, bn_modules, collect, log_var_ratio, mean_shift
+from bnfix.probe_stats import (
+    ChannelStats,
+    bn_eps,
+    bn_modules,
+    collect,
+    log_var_ratio,
+    mean_shift,
+)
 
 
 @dataclass
@@ -146,7 +153,7 @@ def scan_probe(
     modules = bn_modules(model)
     for layer, bn in zip(report.layers, bns, strict=True):
         if layer.name in stats and layer.name in modules:
-            add_probe_signals(layer, bn, stats[layer.name], modules[layer.name].eps, t)
+            add_probe_signals(layer, bn, stats[layer.name], bn_eps(modules[layer.name]), t)
     unprobed = [layer.name for layer in report.layers if layer.dead is None]
     if unprobed:
         report.notes.append(

@@ -1,0 +1,86 @@
+"""Repair strategies, applied to a model in place: ABRi, or resetting BN parameters.
+
+``abri`` keeps every pretrained BN and adds a fresh twin (see :mod:`bnfix.abri`);
+``reset-dead`` sets γ=1, β=0 on the channels the static scan flags (abnormal pairs and
+always-dead channels), as the paper's baseline does; ``reset-all`` returns every BN to its
+defaults (γ=1, β=0, mean 0, var 1), i.e. throws the pretrained normalisation away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfix.abri import Per, abri_blocks, convert
+from bnfix.errors import BnfixError
+from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, indices
+
+STRATEGIES = ("abri", "reset-dead", "reset-all")
+
+
+@dataclass
+class RepairOutcome:
+    """What a strategy changed: layers, channels, and per layer which channels (reset-dead)."""
+
+    strategy: str
+    layers: int
+    channels: int
+    reset: dict[str, list[int]] = field(default_factory=dict)
+
+
+def flagged_channels(bn: _BatchNorm, t: Thresholds) -> list[int]:
+    """Abnormal or always-dead channels of one BN, by the scan's own rules."""
+    weight, bias = bn.weight.detach().double().cpu(), bn.bias.detach().double().cpu()
+    return indices(abnormal_mask(weight, bias, t) | always_dead_mask(weight, bias, t))
+
+
+def reset_dead(model: nn.Module, t: Thresholds = Thresholds()) -> RepairOutcome:
+    reset: dict[str, list[int]] = {}
+    for name, bn in _affine_bns(model).items():
+        channels = flagged_channels(bn, t)
+        if channels:
+            with torch.no_grad():
+                bn.weight[channels] = 1.0
+                bn.bias[channels] = 0.0
+            reset[name] = channels
+    return RepairOutcome("reset-dead", len(reset), sum(map(len, reset.values())), reset)
+
+
+def reset_all(model: nn.Module) -> RepairOutcome:
+    bns = _affine_bns(model)
+    for bn in bns.values():
+        bn.reset_parameters()
+    return RepairOutcome("reset-all", len(bns), sum(bn.num_features for bn in bns.values()))
+
+
+def apply_abri(model: nn.Module, alpha: float = 0.5, per: Per = "layer") -> RepairOutcome:
+    convert(model, alpha=alpha, per=per)
+    blocks = abri_blocks(model)
+    return RepairOutcome("abri", len(blocks), sum(b.num_features for b in blocks.values()))
+
+
+def apply_strategy(
+    model: nn.Module,
+    strategy: str,
+    alpha: float = 0.5,
+    per: Per = "layer",
+    t: Thresholds = Thresholds(),
+) -> RepairOutcome:
+    if strategy == "abri":
+        return apply_abri(model, alpha, per)
+    if strategy == "reset-dead":
+        return reset_dead(model, t)
+    if strategy == "reset-all":
+        return reset_all(model)
+    raise BnfixError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def _affine_bns(model: nn.Module) -> dict[str, _BatchNorm]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.affine and m.track_running_stats
+    }
