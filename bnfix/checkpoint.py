@@ -60,6 +60,11 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def natural_key(key: str) -> list[tuple[int, int | str]]:
+    """Sort key comparing digit runs as numbers: ``features.2`` before ``features.10``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", key) if p]
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -106,6 +111,10 @@ def load_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
     metadata: dict[str, str] = {}
     if fmt == "safetensors":
         raw, metadata = _read_safetensors(path)
+        # safetensors stores keys sorted as strings (layer10 before layer2); natural order
+        # puts them back in module order for the usual numbered layouts, so reports read
+        # top to bottom as the network does.
+        raw = {k: raw[k] for k in sorted(raw, key=natural_key)}
     else:
         raw = _read_torch(path)
         if isinstance(raw, Mapping) and isinstance(raw.get("bnfix_metadata"), Mapping):

@@ -57,6 +57,7 @@ class RepairResult:
     after: CheckpointScan
     outcome: RepairOutcome
     metadata: dict[str, str]
+    model: torch.nn.Module  # the repaired model, as written (CPU, eval mode)
 
 
 def default_output(checkpoint: Path, suffix: str) -> Path:
@@ -143,7 +144,7 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
         after.notes.append(f"running statistics recalibrated on {recalibrated} probe batches")
     save_checkpoint(repaired, out, metadata, force=r.force, inputs=inputs)
     after.sha256 = sha256_file(out)
-    return RepairResult(out, before, after, outcome, metadata)
+    return RepairResult(out, before, after, outcome, metadata, model)
 
 
 def _describe(outcome: RepairOutcome) -> str:
@@ -195,6 +196,7 @@ class FoldResult:
     max_deviation: float  # max |Δ| over the eval outputs, relative to their largest magnitude
     architecture: str
     metadata: dict[str, str]
+    model: torch.nn.Module  # the folded model, as written (CPU, eval mode)
 
 
 #: A fold is exact up to float32 rounding; anything above this means something is wrong.
@@ -247,7 +249,7 @@ def run_fold(
     state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
     save_checkpoint(state, out, metadata, force=force, inputs=(checkpoint,))
     blocks = len(abri_blocks(model))
-    return FoldResult(out, blocks, deviation, recognition.name, metadata)
+    return FoldResult(out, blocks, deviation, recognition.name, metadata, folded)
 
 
 def verify_fold(

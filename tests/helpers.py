@@ -29,3 +29,22 @@ def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 240) ->
         env={**os.environ, "COLUMNS": "200", "BNFIX_DEBUG": "0"},
     )
     return Run(done.returncode, done.stdout, done.stderr)
+
+
+def run_inprocess(*args: str | Path) -> Run:
+    """The same CLI entry point in this process: for the many bad-input cases, without paying
+    a torch import per case. Output goes through the real ``main`` (exit codes, one-line errors).
+    """
+    import contextlib
+    import io
+
+    from bnfix.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return Run(code, out.getvalue(), err.getvalue())
