@@ -1,0 +1,264 @@
+"""The manifest: one CSV that says which files make up each sample of an audio-visual dataset.
+
+Columns ``id,audio,frames,label,split`` (extra columns are ignored). Paths are relative to the
+manifest's folder or absolute; ``frames`` is a folder of video frames or one image. Labels are
+class names or integers. A manifest that lacks the ``audio`` or the ``frames`` column, or leaves
+it empty on every row, is a one-modality manifest.
+
+Everything wrong with the *manifest itself* (a missing file, a missing column, an unknown split,
+a duplicate id, ...) is a :class:`~bnfix.errors.BnfixError` whose one line names the row and the
+column, so a user with a 20k-row CSV can jump straight to it. Files that exist but cannot be
+decoded are a different matter: they are found later, by :mod:`bnfix.fusion.features`, and
+skipped with a report, because scraped datasets always hold a few of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bnfix.errors import BnfixError
+
+__all__ = ["MODALITY_COLUMNS", "SPLITS", "Manifest", "Sample", "read_manifest"]
+
+SPLITS = ("train", "val", "test")
+#: Modality name -> the manifest column holding its path, in the order modalities are listed.
+MODALITY_COLUMNS = {"audio": "audio", "visual": "frames"}
+REQUIRED_COLUMNS = ("id", "label", "split")
+_INTEGER = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    audio: Path | None  # absolute, resolved against the manifest's folder
+    frames: Path | None  # a folder of frames or one image file
+    label: int  # index into Manifest.classes
+    split: str  # "train" | "val" | "test"
+
+
+@dataclass
+class Manifest:
+    path: Path
+    samples: list[Sample]
+    classes: list[str]  # sorted names, or str(i) for integer labels (index i is label i)
+    modalities: tuple[str, ...]  # subset of ("audio", "visual"), in this order
+
+    def split(self, name: str) -> list[Sample]:
+        """The samples of one split, in manifest order (an absent ``val`` gives [])."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return [s for s in self.samples if s.split == name]
+
+
+@dataclass
+class _Row:
+    """One data row as read, before labels are turned into class indices."""
+
+    number: int  # 1-based data row (the header is not a row)
+    line: int  # line in the file where the row ends (quoted fields may span lines)
+    id: str
+    paths: dict[str, Path | None]
+    label: str
+    split: str
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and check the manifest at ``path``; every problem names its row and column."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BnfixError("no such manifest file", path)
+    if path.is_dir():
+        raise BnfixError("is a folder; pass the manifest CSV file", path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BnfixError(
+            f"not a UTF-8 text file (byte {e.start}); save the CSV as UTF-8", path
+        ) from e
+    except OSError as e:
+        raise BnfixError(f"cannot read: {e.strerror or e}", path) from e
+    root = path.resolve().parent
+    reader = csv.reader(text.splitlines(keepends=True))
+    header = _read_header(reader, path)
+    present = _modalities_with_column(header)
+    rows: list[_Row] = []
+    try:
+        for fields in reader:
+            row = _read_row(len(rows) + 1, reader.line_num, fields, header, present, root, path)
+            if row is not None:
+                rows.append(row)
+    except csv.Error as e:
+        raise BnfixError(f"row {len(rows) + 1} (line {reader.line_num}): bad CSV: {e}", path) from e
+    if not rows:
+        raise BnfixError("has a header but no data rows", path)
+    modalities = _used_modalities(rows, present, path)
+    _check_unique_ids(rows, path)
+    if not any(r.split == "train" for r in rows):
+        raise BnfixError(
+            "column 'split': no row is in the 'train' split; at least one training sample is "
+            "needed",
+            path,
+        )
+    classes, index = _classes(rows)
+    samples = [
+        Sample(
+            id=r.id,
+            audio=r.paths["audio"] if "audio" in modalities else None,
+            frames=r.paths["visual"] if "visual" in modalities else None,
+            label=index[r.label],
+            split=r.split,
+        )
+        for r in rows
+    ]
+    return Manifest(path=path, samples=samples, classes=classes, modalities=modalities)
+
+
+def _where(row: _Row | int, line: int | None = None, column: str | None = None) -> str:
+    number = row.number if isinstance(row, _Row) else row
+    line = row.line if isinstance(row, _Row) else line
+    text = f"row {number} (line {line})"
+    return f"{text}, column {column!r}" if column else text
+
+
+def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise BnfixError(f"line 1: not a valid CSV header: {e}", path) from e
+    if header is None or not any(h.strip() for h in header):
+        raise BnfixError(
+            "is empty; expected a CSV header 'id,audio,frames,label,split' and one row per sample",
+            path,
+        )
+    header = [h.strip().lower() for h in header]
+    for name in header:
+        if name and header.count(name) > 1:
+            raise BnfixError(f"line 1: column {name!r} appears more than once in the header", path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        names = ", ".join(repr(c) for c in missing)
+        raise BnfixError(
+            f"line 1: missing column {names}; the header must name id, label, split and at "
+            "least one of audio, frames",
+            path,
+        )
+    if not any(c in header for c in MODALITY_COLUMNS.values()):
+        raise BnfixError(
+            "line 1: missing column 'audio' or 'frames'; a manifest needs at least one of them",
+            path,
+        )
+    return header
+
+
+def _modalities_with_column(header: list[str]) -> tuple[str, ...]:
+    return tuple(m for m, column in MODALITY_COLUMNS.items() if column in header)
+
+
+def _read_row(
+    number: int,
+    line: int,
+    fields: list[str],
+    header: list[str],
+    present: tuple[str, ...],
+    root: Path,
+    path: Path,
+) -> _Row | None:
+    """Check one data row; ``None`` for a blank line (spreadsheets like to add them)."""
+    if not any(f.strip() for f in fields):
+        return None
+    where = _where(number, line)
+    if len(fields) != len(header):
+        raise BnfixError(
+            f"{where}: has {len(fields)} fields but the header has {len(header)}; "
+            "quote values that contain commas",
+            path,
+        )
+    values = {name: value.strip() for name, value in zip(header, fields, strict=True)}
+    for column in ("id", "label"):
+        if not values[column]:
+            raise BnfixError(f"{_where(number, line, column)}: empty {column}", path)
+    split = values["split"].lower()
+    if split not in SPLITS:
+        raise BnfixError(
+            f"{_where(number, line, 'split')}: unknown split {values['split']!r}; "
+            f"use one of {', '.join(SPLITS)}",
+            path,
+        )
+    paths: dict[str, Path | None] = {"audio": None, "visual": None}
+    for modality in present:
+        column = MODALITY_COLUMNS[modality]
+        if values[column]:
+            paths[modality] = _resolve(values[column], modality, root, number, line, path)
+    return _Row(number, line, values["id"], paths, values["label"], split)
+
+
+def _resolve(value: str, modality: str, root: Path, number: int, line: int, path: Path) -> Path:
+    column = MODALITY_COLUMNS[modality]
+    target = Path(value).expanduser()
+    if not target.is_absolute():
+        target = root / target
+    target = target.resolve()
+    where = _where(number, line, column)
+    if not target.exists():
+        raise BnfixError(f"{where}: no such file or folder: {value}", path)
+    if modality == "audio" and not target.is_file():
+        raise BnfixError(f"{where}: is a folder, expected an audio file: {value}", path)
+    return target
+
+
+def _used_modalities(rows: list[_Row], present: tuple[str, ...], path: Path) -> tuple[str, ...]:
+    """Modalities whose column holds a path on every row; a column empty on all rows is unused.
+
+    A column filled on some rows only is an error rather than a silent one-modality manifest:
+    training would otherwise quietly drop a modality or a part of the data.
+    """
+    used = []
+    for modality in present:
+        filled = [r for r in rows if r.paths[modality] is not None]
+        if not filled:
+            continue
+        if len(filled) < len(rows):
+            empty = next(r for r in rows if r.paths[modality] is None)
+            column = MODALITY_COLUMNS[modality]
+            raise BnfixError(
+                f"{_where(empty, column=column)}: empty, but other rows give a path (first: "
+                f"row {filled[0].number}); fill it in, or leave the column empty on every row "
+                f"for a one-modality manifest",
+                path,
+            )
+        used.append(modality)
+    if not used:
+        columns = " and ".join(repr(MODALITY_COLUMNS[m]) for m in present)
+        raise BnfixError(f"column {columns}: empty on every row; no modality to read", path)
+    return tuple(used)
+
+
+def _check_unique_ids(rows: list[_Row], path: Path) -> None:
+    first: dict[str, _Row] = {}
+    for r in rows:
+        if r.id in first:
+            raise BnfixError(
+                f"{_where(r, column='id')}: duplicate id {r.id!r} (first used on row "
+                f"{first[r.id].number}); ids must be unique",
+                path,
+            )
+        first[r.id] = r
+
+
+def _classes(rows: list[_Row]) -> tuple[list[str], dict[str, int]]:
+    """Class names and the label -> index map.
+
+    Integer labels keep their own numbering (label 7 is class 7, classes ``"0".."max"``), so a
+    dataset's published class indices survive; names are sorted, so the same set of names
+    gives the same indices whatever the row order.
+    """
+    labels = {r.label for r in rows}
+    if all(_INTEGER.fullmatch(label) for label in labels):
+        top = max(int(label) for label in labels)
+        return [str(i) for i in range(top + 1)], {label: int(label) for label in labels}
+    classes = sorted(labels)
+    return classes, {name: i for i, name in enumerate(classes)}
