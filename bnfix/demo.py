@@ -15,6 +15,7 @@ from bnfix import report
 from bnfix.default_checkpoint import MOBILENET_V2, fetch
 from bnfix.errors import BnfixError
 from bnfix.probe import write_demo_audio
+from bnfix.repair_run import RepairRequest, run_fold, run_repair
 from bnfix.scan_run import ScanRequest, run_scan
 
 
@@ -52,7 +53,31 @@ def run_demo(workdir: Path, device: torch.device, console: Console) -> None:
         console.print(f"wrote {workdir / 'scan.png'}", highlight=False)
     except BnfixError as exc:  # matplotlib is an optional extra
         console.print(f"[dim]no plot: {exc}[/dim]", highlight=False)
+
+    console.print(
+        "[bold]4.[/bold] repair: ABRi (every BN + a fresh twin, mixed by α = 0.5), stem summed "
+        "to 1 channel; the same probe before and after"
+    )
+    repaired = workdir / "mobilenet_v2.abri.safetensors"
+    result = run_repair(
+        RepairRequest(checkpoint=ckpt, modality="audio", probe=probe_dir, out=repaired, force=True),
+        console,
+    )
+    report.render([result.before, result.after], console, labels=("before", "after"))
+    console.print(f"wrote {repaired}", highlight=False)
+
+    console.print("[bold]5.[/bold] fold: ABRi blocks back into plain BatchNorm (stock layout)")
+    folded = run_fold(repaired, workdir / "mobilenet_v2.folded.safetensors", force=True)
+    console.print(
+        f"   {folded.blocks} blocks folded; max eval-mode deviation on random inputs "
+        f"{folded.max_deviation:.2e} of the output scale; wrote {folded.out}",
+        highlight=False,
+    )
     console.print(
         f"Try it on your own checkpoint: bnfix scan CKPT --modality audio --probe {probe_dir}",
+        highlight=False,
+    )
+    console.print(
+        f"                               bnfix repair CKPT --modality audio --probe {probe_dir}",
         highlight=False,
     )

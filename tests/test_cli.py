@@ -15,6 +15,8 @@ from helpers import run_cli
 from safetensors.torch import save_file
 from torch import nn
 
+from bnfix.checkpoint import load_checkpoint
+
 
 def one_error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -272,6 +274,15 @@ def test_demo_runs_end_to_end(tmp_path, mobilenet_v2_path):
     assert entry["summary"]["channels"] == 17_056 and entry["summary"]["collapsed"] == 158
     assert entry["probe_samples"] == 16 and 0 < entry["summary"]["dead"] < 17_056
     assert (tmp_path / "demo" / "scan.png").stat().st_size > 10_000
+    # repair: the demo's dead channels are revived; fold: exact back to plain BatchNorm
+    after = result.stdout.split("[2] after: verdict:")[1]
+    assert "0 of 17,056 channels dead" in after
+    deviation = float(
+        result.stdout.split("max eval-mode deviation on random inputs ")[1].split()[0]
+    )
+    assert deviation <= 1e-5
+    folded = load_checkpoint(tmp_path / "demo" / "mobilenet_v2.folded.safetensors")
+    assert folded.metadata["bnfix_command"] == "fold" and folded.metadata["in_channels"] == "1"
 
 
 def test_audio_options_change_the_probe(tmp_path, mobilenet_v2_path):
