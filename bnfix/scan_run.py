@@ -13,9 +13,11 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from bnfix.architectures import build_model, recognise, stem_in_channels
+from bnfix.abri_keys import plain_view
+from bnfix.architectures import recognise, stem_in_channels
 from bnfix.checkpoint import Checkpoint, load_checkpoint
 from bnfix.errors import BnfixError
+from bnfix.loading import model_from_state
 from bnfix.masks import Thresholds
 from bnfix.probe import AudioOptions, ImageOptions, Probe, adapt_channels, batches, load_probe
 from bnfix.scan import CheckpointScan, scan_probe, scan_static
@@ -61,10 +63,11 @@ def scan_one(
         report = scan_static(ckpt, request.thresholds)
         report.modality = request.modality
         # a forced --arch is checked against the keys even without a probe
+        arch = _arch(ckpt, request)
         recognition = (
-            build_model(ckpt.state_dict, request.arch)[1]
-            if request.arch
-            else recognise(ckpt.state_dict)
+            model_from_state(ckpt.state_dict, arch)[1]
+            if arch
+            else recognise(plain_view(ckpt.state_dict))
         )
         if recognition is None:
             report.notes.append(
@@ -77,11 +80,12 @@ def scan_one(
         if request.modality:
             report.notes.append("no --probe given: static scan only")
         return report
-    if request.arch is None and recognise(ckpt.state_dict) is None:
+    arch = _arch(ckpt, request)
+    if arch is None and recognise(plain_view(ckpt.state_dict)) is None:
         hint = _select_hint(ckpt)
         if hint:  # else build_model says what it could not recognise
             raise BnfixError("holds several models and a probe runs one" + hint, ckpt.path)
-    model, recognition = build_model(ckpt.state_dict, request.arch)
+    model, recognition = model_from_state(ckpt.state_dict, arch)
     x = adapt_channels(probe.tensor, stem_in_channels(model), str(request.probe))
     chunks = batches(x, request.batch_size)
     if console is not None:  # a progress bar on the terminal; silent when piped
@@ -104,6 +108,11 @@ def scan_one(
     return report
 
 
+def _arch(ckpt: Checkpoint, request: ScanRequest) -> str | None:
+    """--arch, else the architecture bnfix recorded when it wrote the file."""
+    return request.arch or ckpt.metadata.get("architecture") or None
+
+
 def sub_models(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
     """Recognisable models under top-level prefixes, e.g. an audio-visual model's encoders.
 
@@ -119,7 +128,7 @@ def sub_models(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
         return {}
     found = {}
     for prefix, sub in groups.items():
-        recognition = recognise(sub) if len(sub) >= 10 else None
+        recognition = recognise(plain_view(sub)) if len(sub) >= 10 else None
         if recognition is not None:
             found[prefix] = recognition.name
     return found

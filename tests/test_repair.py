@@ -169,13 +169,17 @@ def test_scan_of_a_repaired_checkpoint_lines_up_layer_by_layer(tmp_path):
     ckpt, expected = planted_checkpoint(tmp_path)
     repaired = tmp_path / "r.safetensors"
     run_repair(request(ckpt, modality="visual", out=repaired), QUIET)
-    run = run_cli("scan", ckpt, repaired, "--json", "-")
+    probe = audio_probe(tmp_path, channels=3)
+    run = run_cli("scan", ckpt, repaired, "--modality", "visual", "--probe", probe, "--json", "-")
     assert run.code == 0, run.stderr
     scans = json.loads(run.stdout)["checkpoints"]
     names = [[layer["name"] for layer in s["layers"]] for s in scans]
     assert names[0] == names[1] and len(names[0]) == 20  # ResNet-18: 20 BNs, 20 ABRi blocks
     abnormal_after = sum(len(layer["abnormal"]) for layer in scans[1]["layers"])
     assert abnormal_after == 0 < len(expected["abnormal"])
+    dead = [{(la["name"], c) for la in s["layers"] for c in la["dead"]} for s in scans]
+    assert expected["dead"] <= dead[0] and not (dead[1] & expected["dead"])
+    assert scans[1]["architecture"] == "resnet18" and scans[1]["probe_samples"] == 16
 
 
 def official_layout(state: dict[str, torch.Tensor], per_channel: bool) -> dict[str, torch.Tensor]:
