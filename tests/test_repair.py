@@ -279,3 +279,21 @@ def test_safetensors_source_and_select(tmp_path):
     )
     assert run.code == 0, run.stderr
     assert len(abri_blocks(bnfix.load(out))) == 20
+
+
+@pytest.mark.parametrize(("have", "want"), [(3, 1), (1, 3)])
+def test_stem_adaptation_is_the_same_arithmetic_as_adapting_the_input(have, want):
+    from bnfix.stem import adapt_stem
+
+    torch.manual_seed(5)
+    conv = torch.nn.Conv2d(have, 8, 3)
+    model = torch.nn.Sequential(conv)
+    original = torch.nn.Conv2d(have, 8, 3)
+    original.load_state_dict(conv.state_dict())
+    note = adapt_stem(model, want)
+    assert note.startswith(f"0: {have} -> {want}") and model[0].in_channels == want
+    x = torch.randn(2, want, 9, 9, dtype=torch.float64)
+    # 3 -> 1: a spectrogram repeated to RGB; 1 -> 3: an image averaged to one channel
+    same = x.expand(-1, 3, -1, -1) if want == 1 else x.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(model.double()(x), original.double()(same))
+    assert adapt_stem(model, want) is None
