@@ -23,6 +23,8 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/scan_overhead.py --arch resnet18 --input 3x224x224
 	$(BIN)/python benchmarks/scan_overhead.py --arch mobilenet_v2 --input 1x1024x128 --batches 4 --batch-size 8
+	$(BIN)/python benchmarks/abri_step.py --threads 1 --clock cpu
+	$(BIN)/python benchmarks/fusion_data.py --threads 1
 
 lint: install
 	$(BIN)/ruff check .
