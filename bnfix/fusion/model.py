@@ -1,0 +1,268 @@
+"""Encoders and the fusion model: any CNN bnfix can build, with its classifier taken off.
+
+An encoder is an architecture (torchvision name, ``pkg.module:factory``, or recognised from a
+checkpoint) whose final classifier became ``nn.Identity``; its stem takes the modality's
+channels (audio 1, visual 3). Stage 1 puts a linear head on one encoder; stage 2 concatenates
+both encoders' features into one linear head, and the audio-only / visual-only predictions are
+that head with the other half of its input zeroed (the paper's uni-modal readout of a joint
+model).
+
+The classifier is found generically as the last ``nn.Linear`` (or an ``nn.Identity`` already in
+its place) in module order, so ``fc``, ``classifier.1`` and ``heads.head`` need no table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bnfix import stem
+from bnfix.errors import BnfixError, one_line
+
+__all__ = [
+    "CHANNELS",
+    "Encoder",
+    "EncoderInfo",
+    "FusionModel",
+    "UniModal",
+    "adapt_stem",
+    "build_encoder",
+    "export_stage1",
+    "export_stage2",
+    "load_pretrained",
+    "load_stage1_encoder",
+]
+
+CHANNELS = {"audio": 1, "visual": 3}
+DEFAULT_ARCH = "resnet18"
+
+
+# --------------------------------------------------------------------------------------------
+# Building a backbone
+
+
+def load_pretrained(path: Path, arch: str | None) -> nn.Module:
+    """Rebuild a model, plain or ABRi-repaired, from a checkpoint (``arch`` None: recognise)."""
+    from bnfix import load
+
+    return load(path, arch=arch)
+
+
+def _create(arch: str) -> nn.Module:
+    """A randomly initialised model of the named architecture (never downloads weights)."""
+    from bnfix import architectures
+
+    if arch.startswith("timm:"):
+        return architectures._create_timm(arch.removeprefix("timm:"))
+    if ":" in arch:
+        return architectures._call_factory(arch)
+    import torchvision
+
+    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    if arch not in names:
+        import difflib
+
+        close = difflib.get_close_matches(arch, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; or pkg.module:factory"
+        raise BnfixError(f"unknown architecture {arch!r}: not a torchvision model{hint}")
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def _classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The final classifier: the last Linear or Identity leaf in module order."""
+    found = None
+    for name, module in model.named_modules():
+        if name and isinstance(module, nn.Linear | nn.Identity):
+            found = (name, module)
+    return found
+
+
+def adapt_stem(model: nn.Module, channels: int, pretrained: bool) -> str | None:
+    """Give the first conv ``channels`` inputs; returns a note when something changed.
+
+    A pretrained stem is adapted by :mod:`bnfix.stem` (RGB -> 1 sums the weights, 1 -> RGB
+    repeats them ÷3); a scratch stem is simply re-created with the right width.
+    """
+    if pretrained:
+        return stem.adapt_stem(model, channels)
+    name, conv = stem.stem_conv(model)
+    if conv.in_channels == channels:
+        return None
+    if conv.groups != 1:
+        raise BnfixError(f"stem {name} is a grouped conv; cannot change its input channels")
+    weight = torch.empty(conv.out_channels, channels, *conv.kernel_size)
+    nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+    conv.in_channels = channels
+    conv.weight = nn.Parameter(weight)
+    return f"scratch stem {name} built for {channels} channel(s)"
+
+
+def _feature_dim(backbone: nn.Module, shape: tuple[int, ...], label: str) -> int:
+    """The backbone's output size, from one forward pass on a zero input of the real size."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, *shape))
+    except Exception as exc:
+        raise BnfixError(
+            f"{label} cannot run on inputs of shape {list(shape)}: {one_line(exc)}"
+        ) from exc
+    finally:
+        backbone.train(was_training)
+    if not isinstance(out, Tensor) or out.ndim != 2:
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise BnfixError(f"{label}: without its classifier the model returns {got}, not [B, D]")
+    return out.shape[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+
+
+class Encoder(nn.Module):
+    """A backbone without classifier; ``temporal``: input [B, T, C, H, W], mean over T."""
+
+    def __init__(self, backbone: nn.Module, dim: int, temporal: bool, head_path: str) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dim = dim
+        self.temporal = temporal
+        self.head_path = head_path  # where the classifier was, for stock-layout exports
+        self.channels_last = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.temporal:
+            b, t = x.shape[:2]
+            x = x.flatten(0, 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(x)
+        if self.temporal:
+            features = features.view(b, t, -1).mean(dim=1)
+        return features
+
+
+class UniModal(nn.Module):
+    """Stage 1: one encoder and a linear classifier."""
+
+    def __init__(self, encoder: Encoder, classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+class FusionModel(nn.Module):
+    """Stage 2: both encoders, features concatenated, one linear head."""
+
+    def __init__(self, audio: Encoder, visual: Encoder, classes: int) -> None:
+        super().__init__()
+        self.audio = audio
+        self.visual = visual
+        self.head = nn.Linear(audio.dim + visual.dim, classes)
+
+    def forward(self, audio: Tensor, visual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused logits and the two feature vectors (for the uni-modal readouts)."""
+        fa, fv = self.audio(audio), self.visual(visual)
+        return self.head(torch.cat([fa, fv], dim=1)), fa, fv
+
+    def partial_logits(self, fa: Tensor, fv: Tensor) -> tuple[Tensor, Tensor]:
+        """Audio-only and visual-only logits: the head with the other half zeroed."""
+        d = self.audio.dim
+        w, b = self.head.weight, self.head.bias
+        return fa @ w[:, :d].T + b, fv @ w[:, d:].T + b
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders from the config
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What was built, for the run log."""
+
+    arch: str
+    init: str
+    dim: int
+    params: int
+    notes: tuple[str, ...]
+
+
+def build_encoder(
+    modality: str, arch: str, init: str | Path, input_shape: tuple[int, ...]
+) -> tuple[Encoder, EncoderInfo]:
+    """Build the modality's encoder on the CPU, in training mode.
+
+    ``input_shape`` is one sample as the backbone sees it ([C, H, W]); it is run once to find
+    the feature size, so a model that cannot take the configured input fails here, clearly.
+    """
+    label = f"model.{modality}_arch {arch}"
+    channels = CHANNELS[modality]
+    notes: list[str] = []
+    pretrained = init != "scratch"
+    if pretrained:
+        backbone = load_pretrained(Path(init), None if arch == "auto" else arch)
+        notes.append(f"initialised from {init}")
+    else:
+        backbone = _create(DEFAULT_ARCH if arch == "auto" else arch)
+    note = adapt_stem(backbone, channels, pretrained)
+    if note:
+        notes.append(note)
+    found = _classifier(backbone)
+    if found is None:
+        raise BnfixError(f"{label}: no nn.Linear classifier found to replace")
+    head_path, head = found
+    if isinstance(head, nn.Linear):
+        backbone.set_submodule(head_path, nn.Identity())
+    dim = _feature_dim(backbone, (channels, *input_shape[1:]), label)
+    backbone.train()
+    encoder = Encoder(backbone, dim, temporal=modality == "visual", head_path=head_path)
+    params = sum(p.numel() for p in backbone.parameters())
+    info = EncoderInfo(arch, "scratch" if not pretrained else str(init), dim, params, tuple(notes))
+    return encoder, info
+
+
+# --------------------------------------------------------------------------------------------
+# Exports: stage-1 models in the architecture's own key layout
+
+
+def export_stage1(model: UniModal) -> dict[str, Tensor]:
+    """Backbone keys as the stock architecture names them, the head at the classifier's place.
+
+    A stage-1 ``best.safetensors`` is therefore a plain checkpoint of the architecture with
+    ``classes`` outputs (``bnfix scan`` and torchvision load it as is).
+    """
+    state = {k: v for k, v in model.encoder.backbone.state_dict().items()}
+    path = model.encoder.head_path
+    state[f"{path}.weight"] = model.head.weight
+    state[f"{path}.bias"] = model.head.bias
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def load_stage1_encoder(encoder: Encoder, state: Mapping[str, Tensor]) -> nn.Linear:
+    """Load an :func:`export_stage1` state into ``encoder``; returns the stage-1 head."""
+    path = encoder.head_path
+    head_keys = {f"{path}.weight", f"{path}.bias"}
+    encoder.backbone.load_state_dict({k: v for k, v in state.items() if k not in head_keys})
+    weight = state[f"{path}.weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": state[f"{path}.bias"]})
+    return head
+
+
+def export_stage2(model: FusionModel) -> dict[str, Tensor]:
+    """``audio.*`` / ``visual.*`` backbone keys (``bnfix scan --select audio.``) and ``head.*``."""
+    state = {}
+    for prefix, encoder in (("audio", model.audio), ("visual", model.visual)):
+        for k, v in encoder.backbone.state_dict().items():
+            state[f"{prefix}.{k}"] = v
+    state["head.weight"] = model.head.weight
+    state["head.bias"] = model.head.bias
+    return {k: v.detach().cpu() for k, v in state.items()}

@@ -1,0 +1,559 @@
+"""A fusion-tune run: its folder, seeds, checkpoints, metrics, resume, and the phase plan.
+
+Layout of ``run.out_dir``::
+
+    config.toml            the resolved config (+ versions and git state as comments)
+    metrics.jsonl          one JSON object per epoch and phase
+    stage1/<modality>/     last.pt (full training state), best.safetensors, result.json
+    stage1/confidence.json {"audio": {id: mean confidence}, "visual": {...}}
+    stage2/                the same for the joint model (the configured mask rule)
+    stage2-none/           with --compare: the same joint training without masks
+    summary.json           final numbers
+
+Only rank 0 writes. Every file is written atomically. A phase is *done* when its result.json
+exists; a started phase resumes from its ``last.pt``, which is saved at the end of every epoch
+after the epoch's metrics line and best checkpoint (so a kill between the two writes replays
+that epoch, and the replay drops the orphaned metrics line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bnfix.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from bnfix.errors import BnfixError
+from bnfix.fusion.config import FusionConfig, diff_configs, load_config, render_toml
+from bnfix.fusion.distributed import Dist, setup, teardown
+
+__all__ = ["RunDir", "derive_seed", "fusion_tune", "plan_phases"]
+
+#: Test hook: stop the process (exit 75) after this many epochs, as a kill would.
+STOP_AFTER_ENV = "_BNFIX_FUSION_STOP_AFTER"
+STOPPED_EXIT = 75
+KNOWN_OUTPUTS = ("config.toml", "metrics.jsonl", "summary.json", "stage1", "stage2", "stage2-none")
+#: Keys that may differ when a run continues: they change speed, not results (on the CPU).
+NON_RESULT_KEYS = ("run.device", "run.workers", "run.amp")
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (run seed, phase, epoch, rank): independent streams."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": (int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["generator"] = generator.get_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder
+
+
+class RunDir:
+    """Files of one run, seen from one rank (only rank 0 writes)."""
+
+    def __init__(self, out: Path, dist: Dist, seed: int, console: Console) -> None:
+        self.out = out
+        self.dist = dist
+        self.seed = seed
+        self.console = console
+        # The augmentation/mask stream; reseeded every epoch, saved and restored with the rest.
+        self.generator = torch.Generator(device=dist.device)
+        self.epochs_run = 0
+        stop = os.environ.get(STOP_AFTER_ENV, "")
+        self.stop_after = int(stop) if stop.isdigit() else None
+
+    # -- paths and results
+
+    def phase_dir(self, phase: str) -> Path:
+        return self.out / phase
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def result(self, phase: str) -> dict[str, Any] | None:
+        path = self.phase_dir(phase) / "result.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def read_confidence(self) -> dict[str, dict[str, float]]:
+        path = self.out / "stage1" / "confidence.json"
+        if not path.exists():
+            raise BnfixError("no stage-1 confidences (stage1/confidence.json); run stage 1", path)
+        return json.loads(path.read_text())
+
+    def read_best(self, phase: str) -> dict[str, torch.Tensor]:
+        return load_checkpoint(self.phase_dir(phase) / "best.safetensors").state_dict
+
+    # -- seeds
+
+    def phase_seed(self, phase: str) -> int:
+        """Same on every rank: the data order of each epoch is derived from it."""
+        return derive_seed(self.seed, phase) % 2**31
+
+    def seed_phase(self, phase: str) -> None:
+        """Model initialisation depends on the phase alone, not on what ran before it."""
+        _seed_globals(derive_seed(self.seed, phase, "init"))
+
+    def seed_epoch(self, phase: str, epoch: int, device: torch.device) -> torch.Generator:
+        """Seed the global generators and the augmentation/mask generator for one epoch."""
+        _seed_globals(derive_seed(self.seed, phase, epoch, self.dist.rank))
+        self.generator.manual_seed(derive_seed(self.seed, phase, epoch, self.dist.rank, "aug"))
+        return self.generator
+
+    # -- writing (rank 0)
+
+    def _write_json(self, path: Path, obj: object) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+    def _read_metrics(self) -> list[str]:
+        return self.metrics.read_text().splitlines() if self.metrics.exists() else []
+
+    def trim_metrics(self, phase: str, keep_epochs: int) -> None:
+        """Drop this phase's lines past ``keep_epochs`` (left by a run killed mid-epoch-end)."""
+        if not self.dist.main:
+            return
+        lines = self._read_metrics()
+        kept = []
+        for line in lines:
+            record = json.loads(line)
+            if record.get("phase") != phase or record["epoch"] <= keep_epochs:
+                kept.append(line)
+        if kept != lines:
+            write_atomic(self.metrics, "".join(f"{line}\n" for line in kept).encode())
+
+    def load_state(
+        self, phase: str, model: torch.nn.Module, optimizer: Any, scheduler: Any
+    ) -> dict[str, Any] | None:
+        """Restore a phase's last checkpoint into the objects; returns the loop state."""
+        path = self.phase_dir(phase) / "last.pt"
+        if not path.exists():
+            self.trim_metrics(phase, 0)
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"], self.generator)
+        self.trim_metrics(phase, saved["loop"]["epoch"])
+        if self.dist.main:
+            self.console.print(
+                f"resuming {phase} after epoch {saved['loop']['epoch']}", highlight=False
+            )
+        return dict(saved["loop"])
+
+    def end_epoch(
+        self,
+        phase: str,
+        record: dict[str, Any],
+        model: torch.nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        loop: dict[str, Any],
+        best: dict[str, torch.Tensor] | None,
+        best_meta: dict[str, str],
+    ) -> None:
+        """Metrics line, then best checkpoint, then the resumable state (in that order)."""
+        if self.dist.main:
+            folder = self.phase_dir(phase)
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if best is not None:
+                meta = {"bnfix_fusion_phase": phase, **best_meta, **_version_meta()}
+                save_checkpoint(best, folder / "best.safetensors", meta, force=True)
+            state = {
+                "phase": phase,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(self.generator),
+                "loop": loop,
+            }
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            write_atomic(folder / "last.pt", buffer.getvalue())
+        self.epochs_run += 1
+        if self.stop_after is not None and self.epochs_run >= self.stop_after:
+            self.dist.barrier()
+            if self.dist.main:
+                self.console.print(f"stopping after {self.epochs_run} epochs ({STOP_AFTER_ENV})")
+            sys.stdout.flush()
+            os._exit(STOPPED_EXIT)
+
+    def barrier_after_write(self) -> None:
+        self.dist.barrier()
+
+    def finish(self, phase: str, result: dict[str, Any]) -> None:
+        if self.dist.main:
+            self._write_json(self.phase_dir(phase) / "result.json", result)
+        self.dist.barrier()
+
+    def finish_stage1(
+        self, phase: str, modality: str, result: dict[str, Any], confidence: dict[str, float]
+    ) -> None:
+        """Merge this modality's confidences into stage1/confidence.json, then the result."""
+        if self.dist.main:
+            path = self.out / "stage1" / "confidence.json"
+            table = json.loads(path.read_text()) if path.exists() else {}
+            table[modality] = confidence
+            self._write_json(path, dict(sorted(table.items())))
+        self.finish(phase, result)
+
+
+# --------------------------------------------------------------------------------------------
+# Versions
+
+
+def _git_state(folder: Path) -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + (" (uncommitted changes)" if dirty else "")
+
+
+def _version_meta() -> dict[str, str]:
+    import torchvision
+
+    from bnfix import __version__
+
+    return {
+        "bnfix": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+
+
+def _header(config: FusionConfig) -> list[str]:
+    versions = _version_meta()
+    lines = [
+        "bnfix fusion-tune resolved config (relative paths resolved; read back with --config)",
+        f"seed {config.run.seed}; "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f"; python {sys.version.split()[0]}",
+    ]
+    git = _git_state(Path(__file__).resolve().parent)
+    if git:
+        lines.append(f"bnfix source git commit {git}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Planning and checking the out_dir
+
+
+def plan_phases(modalities: tuple[str, ...], stage: str, rule: str, compare: bool) -> list[str]:
+    """Which phases this invocation runs, in order."""
+    both = set(modalities) == {"audio", "visual"}
+    if stage == "2" and not both:
+        raise BnfixError(
+            f"--stage 2 needs audio and visual; the manifest has only {', '.join(modalities)}"
+        )
+    if compare and not both:
+        raise BnfixError("--compare needs a manifest with both audio and visual")
+    phases = [f"stage1/{m}" for m in modalities] if stage in ("1", "all") else []
+    if stage in ("2", "all") and both:
+        phases.append("stage2")
+        if compare and rule != "none":
+            phases.append("stage2-none")
+    return phases
+
+
+def _entries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+
+
+def check_out_dir(
+    config: FusionConfig, phases: list[str], stage: str, resume: bool, force: bool
+) -> None:
+    """Refuse to clobber or to continue the wrong run, before anything is written."""
+    out = config.run.out_dir
+    if out.exists() and not out.is_dir():
+        raise BnfixError("run.out_dir exists and is not a folder", out)
+    entries = _entries(out)
+    saved = out / "config.toml"
+    if resume:
+        if not saved.exists():
+            raise BnfixError("nothing to resume: no config.toml from an earlier run here", out)
+        _check_same_config(config, saved, ignore=NON_RESULT_KEYS)
+        return
+    if force or not entries:
+        return
+    if stage == "2":
+        stage1 = out / "stage1"
+        missing = [m for m in ("audio", "visual") if not (stage1 / m / "result.json").exists()]
+        if missing or not (out / "stage1" / "confidence.json").exists():
+            raise BnfixError(
+                f"--stage 2 needs a finished stage 1 in run.out_dir (missing: "
+                f"{', '.join(missing) or 'confidence.json'}); run --stage 1 first",
+                out,
+            )
+        started = [p for p in phases if (out / p).exists()]
+        if started:
+            raise BnfixError(
+                f"{started[0]} already exists: pass --resume to continue it or --force to "
+                "redo stage 2",
+                out,
+            )
+        if saved.exists():
+            ignore = (*NON_RESULT_KEYS, *_keys_of("stage2"), *_keys_of("mask"))
+            _check_same_config(config, saved, ignore=ignore)
+        return
+    raise BnfixError(
+        f"run.out_dir is not empty ({', '.join(entries[:3])}{', …' if len(entries) > 3 else ''}):"
+        " pass --resume to continue the run in it, or --force to start over",
+        out,
+    )
+
+
+def _keys_of(section: str) -> tuple[str, ...]:
+    from bnfix.fusion.config import SCHEMA
+
+    return tuple(f"{section}.{k}" for k in SCHEMA[section])
+
+
+def _check_same_config(config: FusionConfig, saved: Path, ignore: tuple[str, ...]) -> None:
+    try:
+        previous = load_config(saved)
+    except BnfixError as exc:
+        raise BnfixError(f"cannot read the earlier run's config: {exc}") from None
+    differ = diff_configs(config, previous, ignore=ignore)
+    if differ:
+        raise BnfixError(
+            f"the config differs from the earlier run's ({', '.join(differ[:4])}); continue a "
+            "run with the config it was started with, or pass --force to start over",
+            saved,
+        )
+
+
+def _clear(config: FusionConfig, phases: list[str], stage: str) -> None:
+    """--force: remove what bnfix wrote (never anything else) for the phases about to run."""
+    out = config.run.out_dir
+    names = KNOWN_OUTPUTS if stage != "2" else tuple(phases)
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if stage == "2" and (out / "metrics.jsonl").exists():
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("phase") not in phases]
+        write_atomic(out / "metrics.jsonl", "".join(f"{x}\n" for x in kept).encode())
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def fusion_tune(
+    config: FusionConfig,
+    *,
+    stage: str = "all",
+    resume: bool = False,
+    force: bool = False,
+    compare: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the planned phases; returns the summary (also written to summary.json).
+
+    Works alone or under ``torchrun`` (one call per process). Everything that can fail on bad
+    input is checked before the first file is written in ``run.out_dir``.
+    """
+    from bnfix.fusion.manifest import read_manifest
+
+    if resume and force:
+        raise BnfixError("--resume and --force contradict each other; pass one")
+    manifest = read_manifest(config.manifest)
+    phases = plan_phases(manifest.modalities, stage, config.mask.rule, compare)
+    d = setup(config.run.device)
+    try:
+        return _run(config, manifest, phases, stage, resume, force, d, console)
+    finally:
+        teardown(d)
+
+
+def _run(
+    config: FusionConfig,
+    manifest: Any,
+    phases: list[str],
+    stage: str,
+    resume: bool,
+    force: bool,
+    d: Dist,
+    console: Console | None,
+) -> dict[str, Any]:
+    from bnfix.fusion.features import VisualOptions, load_features
+    from bnfix.fusion.model import build_encoder
+    from bnfix.fusion.stages import Context, run_stage1, run_stage2
+    from bnfix.probe_audio import AudioOptions
+
+    console = console or Console()
+    if not d.main:
+        console = Console(quiet=True)
+    check_out_dir(config, phases, stage, resume, force)
+    d.barrier()  # every rank has checked before rank 0 writes anything
+    # Architectures, init checkpoints and input sizes, before any file is written.
+    a, v = config.data.audio, config.data.visual
+    shapes = {"audio": (1, a.target_frames, a.mel_bins), "visual": (3, v.size, v.size)}
+    for modality in manifest.modalities:
+        build_encoder(
+            modality, config.model.arch(modality), config.model.init(modality), shapes[modality]
+        )
+    audio = AudioOptions(
+        sample_rate=a.sample_rate,
+        num_mel_bins=a.mel_bins,
+        target_frames=a.target_frames,
+        mean=a.mean,
+        std=a.std,
+    )
+    visual = VisualOptions(frames=v.frames, size=v.size)
+    features = None
+    for turn in ("main", "others"):  # rank 0 fills the cache; the others then read it
+        if (turn == "main") == d.main:
+            features = load_features(manifest, audio, visual, config.data.cache_dir, console)
+        d.barrier()
+    assert features is not None
+    out = config.run.out_dir
+    if d.main:
+        if force:
+            _clear(config, phases, stage)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.toml", render_toml(config, _header(config)).encode())
+        _describe(console, config, features, phases, d)
+    d.barrier()
+    rundir = RunDir(out, d, config.run.seed, console)
+    ctx = Context(config, features, d, console, rundir, resume=resume)
+    for phase in phases:
+        if phase.startswith("stage1/"):
+            run_stage1(ctx, phase.removeprefix("stage1/"))
+        else:
+            rule = "none" if phase == "stage2-none" else config.mask.rule
+            run_stage2(ctx, rule, phase)
+    summary = summarise(rundir, config.mask.rule)
+    if d.main:
+        rundir._write_json(out / "summary.json", summary)
+        if "compare" in summary:
+            print_compare(console, summary["compare"])
+        console.print(f"wrote {out}", highlight=False)
+    return summary
+
+
+def _describe(
+    console: Console, config: FusionConfig, features: Any, phases: list[str], d: Dist
+) -> None:
+    counts = {s: features.splits.count(s) for s in ("train", "val", "test")}
+    console.print(
+        f"fusion-tune: {len(features.ids)} samples ({counts['train']} train, {counts['val']} "
+        f"val, {counts['test']} test), {len(features.classes)} classes; phases "
+        f"{', '.join(phases)}; device {d.device}" + (f" x {d.world} processes" if d.active else ""),
+        highlight=False,
+    )
+
+
+def summarise(rundir: RunDir, rule: str) -> dict[str, Any]:
+    """summary.json from the finished phases' results."""
+    summary: dict[str, Any] = {"stage1": {}}
+    for modality in ("audio", "visual"):
+        result = rundir.result(f"stage1/{modality}")
+        if result is not None:
+            summary["stage1"][modality] = {"val": result["val"], "test": result["test"]}
+    main = rundir.result("stage2")
+    if main is not None:
+        summary["stage2"] = {"val": main["val"], "test": main["test"], "probe": main["probe"]}
+        summary["mask"] = main["mask"]
+    baseline = rundir.result("stage2-none")
+    if main is not None and baseline is not None:
+        summary["compare"] = {
+            r: {"test": res["test"], "probe": res["probe"], "mask": res["mask"]}
+            for r, res in (("none", baseline), (rule, main))
+        }
+    summary["versions"] = _version_meta()
+    return summary
+
+
+def print_compare(console: Console, compare: dict[str, Any]) -> None:
+    """Stage 2 without and with masking, side by side."""
+    rules = list(compare)
+    table = Table(title="stage 2: plain joint training vs masked (test accuracy)")
+    table.add_column("")
+    for rule in rules:
+        table.add_column(f"rule {rule}", justify="right")
+    rows = [
+        ("fused", lambda r: r["test"]["fused"]),
+        ("audio-only (fusion head)", lambda r: r["test"]["audio"]),
+        ("visual-only (fusion head)", lambda r: r["test"]["visual"]),
+        ("linear probe, audio encoder", lambda r: r["probe"]["audio"]),
+        ("linear probe, visual encoder", lambda r: r["probe"]["visual"]),
+    ]
+    for name, get in rows:
+        table.add_row(name, *(_pct(get(compare[rule])) for rule in rules))
+    table.add_row(
+        "samples masked (audio / visual)",
+        *(
+            f"{compare[r]['mask']['audio_masked_fraction']:.0%} / "
+            f"{compare[r]['mask']['visual_masked_fraction']:.0%}"
+            for r in rules
+        ),
+    )
+    console.print(table)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"

@@ -1,0 +1,725 @@
+"""The two FusT recipes: stage 1 (one encoder + linear head per modality) and stage 2 (joint).
+
+A recipe owns the epoch loop of one *phase* (``stage1/audio``, ``stage1/visual``, ``stage2``,
+or ``stage2-none`` under ``--compare``): build the model, restore a saved state when resuming,
+train, evaluate, record. Files, seeds and checkpoints are :mod:`bnfix.fusion.run`'s business
+(the ``RunDir``), the process group :mod:`bnfix.fusion.distributed`'s.
+
+Everything random in an epoch is drawn from streams seeded by (run seed, phase, epoch, rank):
+the data order (``DistributedSampler``), the crop/flip/mask generator, and torch's, numpy's and
+Python's global generators. A run resumed from the checkpoint of epoch k therefore replays
+epoch k+1 exactly as the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from bnfix.errors import BnfixError
+from bnfix.fusion import augment, masking
+from bnfix.fusion.config import FusionConfig, StageConfig
+from bnfix.fusion.distributed import Dist, EpochBatches
+from bnfix.fusion.features import FeatureSet
+from bnfix.fusion.model import (
+    Encoder,
+    FusionModel,
+    UniModal,
+    build_encoder,
+    export_stage1,
+    export_stage2,
+    load_stage1_encoder,
+)
+
+__all__ = ["Context", "run_stage1", "run_stage2"]
+
+
+# --------------------------------------------------------------------------------------------
+# What a recipe needs
+
+
+@dataclass
+class Context:
+    """Everything shared by the phases of one run."""
+
+    config: FusionConfig
+    features: FeatureSet
+    dist: Dist
+    console: Console
+    rundir: Any  # bnfix.fusion.run.RunDir (typed loosely: run imports this module)
+    resume: bool = False
+    positions: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "val", "test"):
+            self.positions[split] = self.features.indices(split)
+
+    @property
+    def classes(self) -> int:
+        return len(self.features.classes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cuda and self.config.run.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def input_shape(self, modality: str) -> tuple[int, ...]:
+        """One sample as the backbone sees it: [C, H, W]."""
+        if modality == "audio":
+            a = self.config.data.audio
+            return (1, a.target_frames, a.mel_bins)
+        size = self.config.data.visual.size
+        return (3, size, size)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+class _Rows(Dataset):
+    """Rows of the in-memory features; a whole batch is gathered at once (``__getitems__``)."""
+
+    def __init__(self, features: FeatureSet, modalities: tuple[str, ...]) -> None:
+        self.labels = features.labels
+        self.audio = features.audio if "audio" in modalities else None
+        self.visual = features.visual if "visual" in modalities else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        i = torch.as_tensor(indices, dtype=torch.int64)
+        batch = {"index": i, "label": self.labels[i]}
+        if self.audio is not None:
+            batch["audio"] = self.audio[i]
+        if self.visual is not None:
+            batch["visual"] = self.visual[i]
+        return batch
+
+
+def _whole_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return batch
+
+
+def _loader(ctx: Context, batches: EpochBatches, modalities: tuple[str, ...]) -> DataLoader:
+    workers = ctx.config.run.workers
+    return DataLoader(
+        _Rows(ctx.features, modalities),
+        batch_sampler=batches,
+        collate_fn=_whole_batch,
+        num_workers=workers,
+        pin_memory=ctx.cuda,
+        persistent_workers=workers > 0,
+    )
+
+
+def _inputs(
+    ctx: Context, batch: dict[str, Tensor], modality: str, train: bool, gen: torch.Generator | None
+) -> Tensor:
+    """A batch of one modality, on the device, ready for the encoder (augmented when training)."""
+    x = batch[modality].to(ctx.device, non_blocking=True)
+    if modality == "visual":
+        x = augment.visual_batch(x, ctx.config.data.visual.size, train, gen)
+    return x
+
+
+def _eval_batches(ctx: Context, split: str, batch_size: int) -> Iterator[dict[str, Tensor]]:
+    """This rank's share of a split, in order (no padding: counts are summed over ranks)."""
+    positions = ctx.positions[split][ctx.dist.rank :: ctx.dist.world]
+    rows = _Rows(ctx.features, ("audio", "visual"))
+    for start in range(0, len(positions), batch_size):
+        yield rows.__getitems__(positions[start : start + batch_size].tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+
+
+def make_optimizer(params: Any, cfg: StageConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig) -> Any:
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def _prepare(ctx: Context, model: nn.Module) -> nn.Module:
+    model.to(ctx.device)
+    if ctx.cuda:
+        model.to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if isinstance(module, Encoder):
+                module.channels_last = True
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+
+
+class _Bar:
+    """A rich progress bar with samples/s on the main rank; nothing elsewhere."""
+
+    def __init__(self, ctx: Context, label: str, total: int) -> None:
+        """``total``: samples of the whole epoch, all ranks together."""
+        self.progress: Progress | None = None
+        if ctx.dist.main and ctx.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=ctx.console,
+                transient=True,
+            )
+            self.task = self.progress.add_task(label, total=total, rate="")
+        self.world = ctx.dist.world
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def __enter__(self) -> _Bar:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def advance(self, samples: int) -> None:
+        self.done += samples * self.world
+        if self.progress:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            self.progress.update(self.task, advance=samples * self.world, rate=f"{rate:.0f}/s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1
+
+
+def _confidences(
+    ctx: Context, positions: Tensor, probs: Tensor, train: Tensor
+) -> tuple[Tensor, int, int]:
+    """This epoch's true-class probability per sample position, gathered over ranks.
+
+    Every rank holds the same number of entries (the sampler pads), so a plain all-gather
+    works; a padded repeat of a sample counts once (its first occurrence). Returns the
+    probabilities (NaN where unseen), the number of distinct training samples recorded, and
+    the number of repeats dropped.
+    """
+    all_pos = ctx.dist.gather(positions)
+    all_prob = ctx.dist.gather(probs)
+    epoch = torch.full((len(ctx.features.labels),), float("nan"), dtype=torch.float64)
+    order = torch.arange(len(all_pos) - 1, -1, -1)  # write last first: the first write wins
+    epoch[all_pos[order]] = all_prob[order].double()
+    seen = int(torch.isfinite(epoch[train]).sum())
+    if seen != len(train):
+        raise RuntimeError(f"confidence recorded for {seen} of {len(train)} training samples")
+    return epoch, seen, len(all_pos) - int(torch.unique(all_pos).numel())
+
+
+def _train_epoch_uni(
+    ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+    modality: str, gen: torch.Generator, label: str,
+) -> tuple[dict[str, float], Tensor, Tensor]:  # fmt: skip
+    """One pass; returns summed stats and each seen sample's (position, true-class prob)."""
+    model.train()
+    sums = _Sums(ctx.device)
+    positions, probs = [], []
+    with _Bar(ctx, label, loader.batch_sampler.samples * ctx.dist.world) as bar:  # type: ignore[union-attr]
+        for batch in loader:
+            x = _inputs(ctx, batch, modality, True, gen)
+            y = batch["label"].to(ctx.device, non_blocking=True)
+            with ctx.autocast():
+                logits = model(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums.add(loss, logits, y)
+            positions.append(batch["index"])
+            probs.append(logits.detach().softmax(dim=1).gather(1, y[:, None])[:, 0])
+            bar.advance(len(y))
+    return sums.result(), torch.cat(positions), torch.cat(probs).cpu()
+
+
+class _Sums:
+    """Loss and correct counts summed on the device: no host sync per training step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        self.loss += loss.detach().double() * len(y)
+        self.correct += (logits.detach().argmax(1) == y).sum()
+        self.count += len(y)
+
+    def result(self) -> dict[str, float]:
+        return {"loss_sum": float(self.loss), "correct": float(self.correct), "count": self.count}
+
+
+@torch.no_grad()
+def _evaluate_uni(ctx: Context, model: nn.Module, modality: str, split: str) -> dict[str, Any]:
+    """Loss and accuracy on a split (None when the split is empty)."""
+    ctx.dist.sync_buffers(model)
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for batch in _eval_batches(ctx, split, 2 * ctx.config.stage1.batch_size):
+        x = _inputs(ctx, batch, modality, False, None)
+        y = batch["label"].to(ctx.device)
+        with ctx.autocast():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += float((logits.argmax(1) == y).sum())
+        count += len(y)
+    loss_sum, correct, count = ctx.dist.sum([loss_sum, correct, count])
+    if count == 0:
+        return {"loss": None, "acc": None}
+    return {"loss": loss_sum / count, "acc": correct / count}
+
+
+def _build_uni(ctx: Context, modality: str) -> UniModal:
+    cfg = ctx.config.model
+    encoder, info = build_encoder(
+        modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality)
+    )
+    if ctx.dist.main:
+        notes = "; ".join(info.notes)
+        ctx.console.print(
+            f"  {modality} encoder: {info.arch} ({info.init}), {info.params / 1e6:.2f}M "
+            f"parameters, {info.dim}-d features" + (f"; {notes}" if notes else ""),
+            highlight=False,
+        )
+    return UniModal(encoder, ctx.classes)
+
+
+def run_stage1(ctx: Context, modality: str) -> dict[str, Any]:
+    """Train one modality's encoder alone; returns the phase result (also saved as JSON)."""
+    rd = ctx.rundir
+    phase = f"stage1/{modality}"
+    done = rd.result(phase)
+    if done is not None:
+        return done
+    cfg = ctx.config.stage1
+    rd.seed_phase(phase)
+    model = _prepare(ctx, _build_uni(ctx, modality))
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    train = ctx.positions["train"]
+    state = {"epoch": 0, "best": None, "best_epoch": None, "conf_sum": None, "conf_epochs": 0}
+    saved = rd.load_state(phase, model, optimizer, scheduler) if ctx.resume else None
+    if saved is not None:
+        state.update(saved)
+    conf_sum = state["conf_sum"]
+    if conf_sum is None:
+        conf_sum = torch.zeros(len(ctx.features.labels), dtype=torch.float64)
+    batches = EpochBatches(train, cfg.batch_size, rd.phase_seed(phase), ctx.dist)
+    loader = _loader(ctx, batches, (modality,))
+    net = ctx.dist.wrap(model)
+    for epoch in range(state["epoch"], cfg.epochs):
+        gen = rd.seed_epoch(phase, epoch, ctx.device)
+        batches.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        label = f"stage 1 {modality} {epoch + 1}/{cfg.epochs}"
+        sums, pos, prob = _train_epoch_uni(ctx, net, optimizer, loader, modality, gen, label)
+        seconds = time.perf_counter() - start
+        loss_sum, correct, count = ctx.dist.sum([sums["loss_sum"], sums["correct"], sums["count"]])
+        conf, seen, repeats = _confidences(ctx, pos, prob, train)
+        conf_sum[train] += conf[train]
+        state["conf_epochs"] += 1
+        scheduler.step()
+        val = _evaluate_uni(ctx, model, modality, "val")
+        record = {
+            "phase": phase,
+            "stage": 1,
+            "modality": modality,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / count,
+            "train_acc": correct / count,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "confidence_mean": float(conf[train].mean()),
+            "confidence_ids": seen,
+            "confidence_repeats_dropped": repeats,
+            "samples_per_s": count / seconds,
+            "seconds": seconds,
+        }
+        improved = _improved(val["acc"], state["best"])
+        if improved:
+            state["best"], state["best_epoch"] = val["acc"], epoch + 1
+        state["epoch"] = epoch + 1
+        state["conf_sum"] = conf_sum
+        rd.end_epoch(
+            phase, record, model, optimizer, scheduler, state,
+            best=export_stage1(model) if improved else None,
+            best_meta={"stage": "1", "modality": modality, "epoch": str(epoch + 1)},
+        )  # fmt: skip
+        _print_epoch(ctx, record)
+    # The best encoder (by validation accuracy) is what stage 2 starts from and what is tested.
+    rd.barrier_after_write()
+    best_state = rd.read_best(phase)
+    head = load_stage1_encoder(model.encoder, best_state)
+    model.head.load_state_dict(head.state_dict())
+    model.to(ctx.device)
+    test = _evaluate_uni(ctx, model, modality, "test")
+    train_ids = [ctx.features.ids[i] for i in train.tolist()]
+    mean_conf = (conf_sum[train] / max(state["conf_epochs"], 1)).tolist()
+    result = {
+        "val": state["best"],
+        "best_epoch": state["best_epoch"],
+        "test": test["acc"],
+        "epochs": cfg.epochs,
+    }
+    rd.finish_stage1(phase, modality, result, dict(zip(train_ids, mean_conf, strict=True)))
+    if ctx.dist.main:
+        ctx.console.print(
+            f"stage 1 {modality}: best val {_pct(state['best'])} (epoch {state['best_epoch']}), "
+            f"test {_pct(test['acc'])}",
+            highlight=False,
+        )
+    return rd.result(phase)
+
+
+def _improved(acc: float | None, best: float | None) -> bool:
+    """Best by validation accuracy; without a validation split, the last epoch."""
+    return acc is None or best is None or acc > best
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2
+
+
+def _build_fusion(ctx: Context) -> FusionModel:
+    """Both encoders as stage 1 left them (best epoch), a fresh fusion head."""
+    encoders = {}
+    for modality in ("audio", "visual"):
+        cfg = ctx.config.model
+        encoder, _ = build_encoder(
+            modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality)
+        )
+        load_stage1_encoder(encoder, ctx.rundir.read_best(f"stage1/{modality}"))
+        encoders[modality] = encoder
+    return FusionModel(encoders["audio"], encoders["visual"], ctx.classes)
+
+
+def mask_ratios(ctx: Context, rule: str) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Per-position ratios (0 outside the training split) from the stage-1 confidences."""
+    conf = ctx.rundir.read_confidence()
+    train = ctx.positions["train"]
+    ids = [ctx.features.ids[i] for i in train.tolist()]
+    values = {}
+    for modality in ("audio", "visual"):
+        table = conf.get(modality) or {}
+        missing = [i for i in ids if i not in table]
+        if missing:
+            raise BnfixError(
+                f"stage1/confidence.json has no {modality} confidence for {len(missing)} "
+                f"training samples (e.g. {missing[0]}): the manifest changed since stage 1; "
+                "rerun stage 1",
+                ctx.rundir.out,
+            )
+        values[modality] = torch.tensor([table[i] for i in ids], dtype=torch.float64)
+    m = ctx.config.mask
+    r_a, r_v = masking.mask_ratios(values["audio"], values["visual"], rule, m.tau, m.eta, m.rho)
+    n = len(ctx.features.labels)
+    full_a, full_v = torch.zeros(n), torch.zeros(n)
+    full_a[train], full_v[train] = r_a.float(), r_v.float()
+    stats = {
+        "rule": rule,
+        "audio_masked_fraction": float((r_a > 0).float().mean()),
+        "visual_masked_fraction": float((r_v > 0).float().mean()),
+        "mean_ratio_audio": float(r_a.mean()),
+        "mean_ratio_visual": float(r_v.mean()),
+    }
+    return full_a, full_v, stats
+
+
+def _train_epoch_fusion(
+    ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+    ratios: tuple[Tensor, Tensor] | None, gen: torch.Generator, label: str,
+) -> dict[str, float]:  # fmt: skip
+    model.train()
+    m = ctx.config.mask
+    sums = _Sums(ctx.device)
+    with _Bar(ctx, label, loader.batch_sampler.samples * ctx.dist.world) as bar:  # type: ignore[union-attr]
+        for batch in loader:
+            a = _inputs(ctx, batch, "audio", True, gen)
+            v = _inputs(ctx, batch, "visual", True, gen)
+            if ratios is not None:
+                index = batch["index"]
+                r_a = ratios[0][index].to(ctx.device, non_blocking=True)
+                r_v = ratios[1][index].to(ctx.device, non_blocking=True)
+                a = masking.mask_patches(a, r_a, m.audio_patch, gen)
+                v = masking.mask_patches(v, r_v, m.visual_patch, gen)
+            y = batch["label"].to(ctx.device, non_blocking=True)
+            with ctx.autocast():
+                logits, _, _ = model(a, v)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums.add(loss, logits, y)
+            bar.advance(len(y))
+    return sums.result()
+
+
+@torch.no_grad()
+def _evaluate_fusion(ctx: Context, model: FusionModel, split: str) -> dict[str, Any]:
+    """Fused, audio-only and visual-only accuracy (the head with the other half zeroed)."""
+    ctx.dist.sync_buffers(model)
+    model.eval()
+    sums = [0.0] * 5  # loss, fused, audio, visual, count
+    for batch in _eval_batches(ctx, split, 2 * ctx.config.stage2.batch_size):
+        a = _inputs(ctx, batch, "audio", False, None)
+        v = _inputs(ctx, batch, "visual", False, None)
+        y = batch["label"].to(ctx.device)
+        with ctx.autocast():
+            logits, fa, fv = model(a, v)
+        la, lv = model.partial_logits(fa.float(), fv.float())
+        logits = logits.float()
+        sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
+        for k, out in enumerate((logits, la, lv), start=1):
+            sums[k] += float((out.argmax(1) == y).sum())
+        sums[4] += len(y)
+    loss, fused, audio, visual, count = ctx.dist.sum(sums)
+    if count == 0:
+        return {"loss": None, "fused": None, "audio": None, "visual": None}
+    return {
+        "loss": loss / count,
+        "fused": fused / count,
+        "audio": audio / count,
+        "visual": visual / count,
+    }
+
+
+def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
+    """Joint training from the stage-1 encoders with the ``rule``'s input masks."""
+    rd = ctx.rundir
+    done = rd.result(phase)
+    if done is not None:
+        return done
+    cfg = ctx.config.stage2
+    ratio_a, ratio_v, mask_stats = mask_ratios(ctx, rule)
+    rd.seed_phase(phase)
+    model = _prepare(ctx, _build_fusion(ctx))
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    state = {"epoch": 0, "best": None, "best_epoch": None}
+    saved = rd.load_state(phase, model, optimizer, scheduler) if ctx.resume else None
+    if saved is not None:
+        state.update(saved)
+    if ctx.dist.main:
+        ctx.console.print(
+            f"stage 2 ({rule}): masking audio on {mask_stats['audio_masked_fraction']:.0%} of "
+            f"training samples (mean ratio {mask_stats['mean_ratio_audio']:.3f}), visual on "
+            f"{mask_stats['visual_masked_fraction']:.0%} "
+            f"(mean ratio {mask_stats['mean_ratio_visual']:.3f})",
+            highlight=False,
+        )
+    batches = EpochBatches(ctx.positions["train"], cfg.batch_size, rd.phase_seed(phase), ctx.dist)
+    loader = _loader(ctx, batches, ("audio", "visual"))
+    net = ctx.dist.wrap(model)
+    ratios = None if rule == "none" else (ratio_a, ratio_v)
+    for epoch in range(state["epoch"], cfg.epochs):
+        gen = rd.seed_epoch(phase, epoch, ctx.device)
+        batches.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        label = f"stage 2 {rule} {epoch + 1}/{cfg.epochs}"
+        sums = _train_epoch_fusion(ctx, net, optimizer, loader, ratios, gen, label)
+        seconds = time.perf_counter() - start
+        loss_sum, correct, count = ctx.dist.sum([sums["loss_sum"], sums["correct"], sums["count"]])
+        scheduler.step()
+        val = _evaluate_fusion(ctx, model, "val")
+        record = {
+            "phase": phase,
+            "stage": 2,
+            "rule": rule,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / count,
+            "train_acc": correct / count,
+            "val_loss": val["loss"],
+            "val_acc": val["fused"],
+            "val_acc_audio": val["audio"],
+            "val_acc_visual": val["visual"],
+            "samples_per_s": count / seconds,
+            "seconds": seconds,
+        }
+        improved = _improved(val["fused"], state["best"])
+        if improved:
+            state["best"], state["best_epoch"] = val["fused"], epoch + 1
+        state["epoch"] = epoch + 1
+        rd.end_epoch(
+            phase, record, model, optimizer, scheduler, state,
+            best=export_stage2(model) if improved else None,
+            best_meta={"stage": "2", "rule": rule, "epoch": str(epoch + 1)},
+        )  # fmt: skip
+        _print_epoch(ctx, record)
+    rd.barrier_after_write()
+    _load_stage2_best(model, rd.read_best(phase))
+    model.to(ctx.device)
+    test = _evaluate_fusion(ctx, model, "test")
+    probe = {m: linear_probe(ctx, getattr(model, m), m) for m in ("audio", "visual")}
+    result = {
+        "val": state["best"],
+        "best_epoch": state["best_epoch"],
+        "test": {k: test[k] for k in ("fused", "audio", "visual")},
+        "probe": probe,
+        "mask": mask_stats,
+        "epochs": cfg.epochs,
+    }
+    rd.finish(phase, result)
+    if ctx.dist.main:
+        ctx.console.print(
+            f"stage 2 ({rule}): test fused {_pct(test['fused'])}, audio-only "
+            f"{_pct(test['audio'])}, visual-only {_pct(test['visual'])}; linear probes audio "
+            f"{_pct(probe['audio'])}, visual {_pct(probe['visual'])}",
+            highlight=False,
+        )
+    return rd.result(phase)
+
+
+def _load_stage2_best(model: FusionModel, state: dict[str, Tensor]) -> None:
+    for prefix, encoder in (("audio", model.audio), ("visual", model.visual)):
+        own = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        encoder.backbone.load_state_dict(own)
+    model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probes: how much each encoder learned, read by a classifier on frozen features
+
+
+@torch.no_grad()
+def _encode(ctx: Context, encoder: Encoder, modality: str, split: str) -> tuple[Tensor, Tensor]:
+    """Frozen features of a split (eval mode, no augmentation), gathered on every rank."""
+    encoder.eval()
+    feats, labels, positions = [], [], []
+    for batch in _eval_batches(ctx, split, 2 * ctx.config.stage2.batch_size):
+        x = _inputs(ctx, batch, modality, False, None)
+        with ctx.autocast():
+            f = encoder(x)
+        feats.append(f.float().cpu())
+        labels.append(batch["label"])
+        positions.append(batch["index"])
+    dim = encoder.dim
+    local = (
+        torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64),
+        torch.cat(feats) if feats else torch.zeros(0, dim),
+        torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64),
+    )
+    parts = ctx.dist.gather_objects(local)
+    pos = torch.cat([p[0] for p in parts])  # type: ignore[index]
+    order = pos.argsort()
+    x = torch.cat([p[1] for p in parts])[order]  # type: ignore[index]
+    y = torch.cat([p[2] for p in parts])[order]  # type: ignore[index]
+    return x, y
+
+
+def fit_linear(x: Tensor, y: Tensor, classes: int, l2: float = 1e-3, steps: int = 100) -> nn.Linear:
+    """Multinomial logistic regression on standardised features, full batch (L-BFGS).
+
+    Deterministic (zero init, no sampling); the standardisation is folded into the returned
+    layer, so it applies to raw features.
+    """
+    x = x.double()
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.T + b, y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    layer = nn.Linear(x.shape[1], classes)
+    with torch.no_grad():
+        layer.weight.copy_((w / std).float())
+        layer.bias.copy_((b - (w * (mean / std)).sum(1)).float())
+    return layer
+
+
+def linear_probe(ctx: Context, encoder: Encoder, modality: str) -> float | None:
+    """Test accuracy of a linear classifier fitted on the encoder's frozen train features."""
+    if len(ctx.positions["test"]) == 0:
+        return None
+    train_x, train_y = _encode(ctx, encoder, modality, "train")
+    test_x, test_y = _encode(ctx, encoder, modality, "test")
+    layer = fit_linear(train_x, train_y, ctx.classes)
+    with torch.no_grad():
+        return float((layer(test_x).argmax(1) == test_y).double().mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _pct(value: float | None) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (f"{100 * value:.1f}%")
+    )
+
+
+def _print_epoch(ctx: Context, r: dict[str, Any]) -> None:
+    if not ctx.dist.main:
+        return
+    if r["stage"] == 1:
+        head = f"stage 1 {r['modality']:<6} epoch {r['epoch']:>3}"
+        val = f"val {_pct(r['val_acc'])}"
+    else:
+        head = f"stage 2 {r['rule']:<6} epoch {r['epoch']:>3}"
+        val = (
+            f"val fused {_pct(r['val_acc'])} audio {_pct(r['val_acc_audio'])} "
+            f"visual {_pct(r['val_acc_visual'])}"
+        )
+    ctx.console.print(
+        f"{head}  loss {r['train_loss']:.3f}  train {_pct(r['train_acc'])}  {val}  "
+        f"{r['samples_per_s']:.0f} samples/s",
+        highlight=False,
+    )
