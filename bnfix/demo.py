@@ -14,6 +14,9 @@ from rich.console import Console
 from bnfix import report
 from bnfix.default_checkpoint import MOBILENET_V2, fetch
 from bnfix.errors import BnfixError
+from bnfix.fusion.config import load_config
+from bnfix.fusion.run import fusion_tune
+from bnfix.fusion.synthetic import write_demo_config, write_synthetic_av
 from bnfix.probe import write_demo_audio
 from bnfix.repair_run import RepairRequest, run_fold, run_repair
 from bnfix.scan_run import ScanRequest, run_scan
@@ -56,11 +59,19 @@ def run_demo(workdir: Path, device: torch.device, console: Console) -> None:
 
     console.print(
         "[bold]4.[/bold] repair: ABRi (every BN + a fresh twin, mixed by α = 0.5), stem summed "
-        "to 1 channel; the same probe before and after"
+        "to 1 channel, running statistics recalibrated on the probe; the same probe before "
+        "and after"
     )
     repaired = workdir / "mobilenet_v2.abri.safetensors"
     result = run_repair(
-        RepairRequest(checkpoint=ckpt, modality="audio", probe=probe_dir, out=repaired, force=True),
+        RepairRequest(
+            checkpoint=ckpt,
+            modality="audio",
+            probe=probe_dir,
+            recalibrate=True,
+            out=repaired,
+            force=True,
+        ),
         console,
     )
     report.render([result.before, result.after], console, labels=("before", "after"))
@@ -71,6 +82,26 @@ def run_demo(workdir: Path, device: torch.device, console: Console) -> None:
     console.print(
         f"   {folded.blocks} blocks folded; max eval-mode deviation on random inputs "
         f"{folded.max_deviation:.2e} of the output scale; wrote {folded.out}",
+        highlight=False,
+    )
+
+    console.print(
+        "[bold]6.[/bold] fusion-tune on a small generated audio-visual set: the paper's setting, "
+        "ImageNet visual encoder + the ABRi-repaired audio encoder; stage 2 with and without "
+        "adaptive masking"
+    )
+    manifest = write_synthetic_av(workdir / "av")
+    config = write_demo_config(workdir, manifest.resolve(), (workdir / "fusion-run").resolve())
+    overrides = [
+        "model.audio_arch=auto",
+        "model.visual_arch=auto",
+        f"model.audio_init={repaired.resolve().as_posix()}",
+        f"model.visual_init={Path(ckpt).resolve().as_posix()}",
+        f"run.device={device.type}",
+    ]
+    fusion_tune(load_config(config, overrides), force=True, compare=True, console=console)
+    console.print(
+        f"   config {config}; outputs in {workdir / 'fusion-run'} (summary.json, metrics.jsonl)",
         highlight=False,
     )
     console.print(

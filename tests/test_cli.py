@@ -283,6 +283,11 @@ def test_demo_runs_end_to_end(tmp_path, mobilenet_v2_path):
     assert deviation <= 1e-5
     folded = load_checkpoint(tmp_path / "demo" / "mobilenet_v2.folded.safetensors")
     assert folded.metadata["bnfix_command"] == "fold" and folded.metadata["in_channels"] == "1"
+    # fusion-tune from the ImageNet visual encoder and the repaired audio encoder learns
+    summary = json.loads((tmp_path / "demo" / "fusion-run" / "summary.json").read_text())
+    assert summary["stage2"]["test"]["fused"] >= 0.6  # 4 classes: chance is 0.25
+    assert summary["mask"]["rule"] == "adaptive" and "none" in summary["compare"]
+    assert "plain joint training vs masked" in result.stdout
 
 
 def test_audio_options_change_the_probe(tmp_path, mobilenet_v2_path):
