@@ -17,7 +17,7 @@ from rich.console import Console
 
 from bnfix import __version__
 from bnfix.errors import BnfixError
-from bnfix.masks import Thresholds
+from bnfix.thresholds import Thresholds
 
 if TYPE_CHECKING:
     import torch

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+from bnfix.thresholds import Thresholds
+
+__all__ = [
+    "DEAD_MARGIN_Z",
+    "Thresholds",
+    "abnormal_mask",
+    "always_dead_mask",
+    "collapsed_mask",
+    "indices",
+]
 
 #: How many standard deviations of the normalised input a channel's negative β must cover to
 #: count as always dead: γ·x̂ + β > 0 then needs x̂ > 6, which BN-normalised inputs do not reach.
 DEAD_MARGIN_Z = 6.0
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The tolerances behind every verdict; the CLI exposes each as an option."""
-
-    abs_tol: float = 1e-5  # |γ|, |β| below this are abnormally small
-    rel_tol: float = 1e-3  # ... or below this fraction of the layer's median |γ|, |β|
-    var_tol: float = 1e-6  # stored running variance below this: a collapsed channel
-    dead_fraction: float = 0.95  # a probe channel ≤ 0 on at least this share of samples is dead
 
 
 def _small(values: torch.Tensor, t: Thresholds) -> torch.Tensor:
