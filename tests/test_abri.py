@@ -260,20 +260,29 @@ def test_works_inside_models_with_other_activations_and_channels_last(act):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_bf16_autocast_runs_close_to_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_close_to_float32(dtype):
     torch.manual_seed(2)
     model = convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
     x = torch.randn(4, 3, 10, 10)
     want = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         got = model(x)
-    assert got.dtype in (torch.bfloat16, torch.float32)
+        got.sum().backward()  # the backward runs under autocast too
+    assert got.dtype in (dtype, torch.float32)
+    assert model[1].alpha.grad is not None and model[1].alpha.grad.dtype == torch.float32
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
 
 def test_torch_compile_matches_eager():
     torch.manual_seed(3)
-    model = convert(torchvision.models.resnet18(num_classes=4), per="channel")
+    model = convert(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+            nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ),
+        per="channel",
+    )  # fmt: skip
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, backend="aot_eager")
     x = torch.randn(2, 3, 32, 32)
@@ -311,3 +320,46 @@ def test_eval_cache_follows_every_in_place_change():
     block.eval()
     with torch.no_grad():
         assert_scaled_close(block(x), reference(), 1e-6)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same initial weights on every rank
+    model = convert(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+            nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ),
+        per="channel",
+    )  # fmt: skip
+    ddp = nn.parallel.DistributedDataParallel(model)  # every ABRi parameter must get a gradient
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    for _ in range(2):
+        loss = ddp(torch.randn(4, 3, 12, 12, generator=gen)).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, out_file)
+    dist.barrier()
+    other = torch.load(out_file)
+    if rank == 1:  # parameters agree across ranks after all-reduced steps
+        for k, v in model.named_parameters():
+            assert torch.allclose(v, other[k], atol=1e-6), k
+        torch.save({"ok": True}, out_file + ".ok")
+    dist.destroy_process_group()
+
+
+def test_ddp_trains_abri_blocks_in_lockstep(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _ddp_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "state.pt")),
+        nprocs=2,
+        join=True,
+    )
+    assert torch.load(tmp_path / "state.pt.ok")["ok"]
