@@ -46,8 +46,9 @@ __all__ = ["RunDir", "derive_seed", "fusion_tune", "plan_phases"]
 STOP_AFTER_ENV = "_BNFIX_FUSION_STOP_AFTER"
 STOPPED_EXIT = 75
 KNOWN_OUTPUTS = ("config.toml", "metrics.jsonl", "summary.json", "stage1", "stage2", "stage2-none")
-#: Keys that may differ when a run continues: they change speed, not results (on the CPU).
-NON_RESULT_KEYS = ("run.device", "run.workers", "run.amp")
+#: Keys that may differ when a run continues: they change where and how fast it runs, not its
+#: results (on the CPU), so a run folder can be moved, or resumed with another cache or device.
+NON_RESULT_KEYS = ("run.out_dir", "data.cache_dir", "run.device", "run.workers", "run.amp")
 
 
 def derive_seed(*parts: object) -> int:
