@@ -22,6 +22,7 @@ found generically so that ``conv1``, ``features.0.0``, ``stem.0``, ``features.co
 
 from __future__ import annotations
 
+import difflib
 import gc
 import importlib
 import importlib.util
@@ -39,7 +40,14 @@ from torch import Tensor, nn
 
 from bnfix.errors import BnfixError, one_line
 
-__all__ = ["Recognition", "build_model", "empty_weights", "recognise", "stem_in_channels"]
+__all__ = [
+    "Recognition",
+    "build_model",
+    "create_model",
+    "empty_weights",
+    "recognise",
+    "stem_in_channels",
+]
 
 Shape = tuple[int, ...]
 Kwargs = tuple[tuple[str, object], ...]
@@ -767,6 +775,23 @@ def _build_module(
     _adapt(model, result)
     recognition = Recognition(label, result.in_channels, result.num_classes, tuple(notes))
     return _load(model, state_dict), recognition
+
+
+def create_model(arch: str) -> nn.Module:
+    """A randomly initialised model for ``arch`` (never downloads weights): for training from
+    scratch. ``arch`` is a torchvision name, ``"pkg.module:factory"`` or ``"timm:NAME"``."""
+    if arch.startswith("timm:"):
+        return _create_timm(arch.removeprefix("timm:"))
+    if ":" in arch:
+        return _call_factory(arch)
+    names = sorted(_torchvision_names())
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "; or pass pkg.module:factory"
+        raise BnfixError(f"unknown architecture {arch!r}: not a torchvision model{hint}")
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None)
 
 
 def build_model(

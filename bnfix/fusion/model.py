@@ -54,22 +54,9 @@ def load_pretrained(path: Path, arch: str | None) -> nn.Module:
 
 def _create(arch: str) -> nn.Module:
     """A randomly initialised model of the named architecture (never downloads weights)."""
-    from bnfix import architectures
+    from bnfix.architectures import create_model
 
-    if arch.startswith("timm:"):
-        return architectures._create_timm(arch.removeprefix("timm:"))
-    if ":" in arch:
-        return architectures._call_factory(arch)
-    import torchvision
-
-    names = sorted(torchvision.models.list_models(module=torchvision.models))
-    if arch not in names:
-        import difflib
-
-        close = difflib.get_close_matches(arch, names, n=1)
-        hint = f"; did you mean {close[0]}?" if close else "; or pkg.module:factory"
-        raise BnfixError(f"unknown architecture {arch!r}: not a torchvision model{hint}")
-    return torchvision.models.get_model(arch, weights=None)
+    return create_model(arch)
 
 
 def _classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
