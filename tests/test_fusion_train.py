@@ -226,7 +226,9 @@ def test_stopped_and_resumed_run_ends_with_the_uninterrupted_metrics(
     # A line written after the last checkpoint (a kill between the two) is dropped on resume.
     with open(out / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"phase": "stage2", "stage": 2, "epoch": 2, "train_loss": 9}) + "\n")
-    third = run_with_stop(config, None, "--compare", "--resume")
+    # The run folder can be moved before it is resumed.
+    out = out.rename(tmp_path / "moved")
+    third = run_with_stop(config, None, "--compare", "--resume", f"run.out_dir={out}")
     assert third.returncode == 0, third.stderr
     assert "resuming stage2 after epoch 1" in third.stdout
     expected = without_timing(read_metrics(reference / "out"))
