@@ -98,6 +98,8 @@ def run_demo(workdir: Path, device: torch.device, console: Console) -> None:
         f"model.audio_init={repaired.resolve().as_posix()}",
         f"model.visual_init={Path(ckpt).resolve().as_posix()}",
         f"run.device={device.type}",
+        "stage1.lr=0.005",  # pretrained encoders: a smaller step than training from scratch
+        "stage2.lr=0.005",
     ]
     fusion_tune(load_config(config, overrides), force=True, compare=True, console=console)
     console.print(
