@@ -269,7 +269,18 @@ def test_torchrun_two_processes_record_each_confidence_once(tmp_path: Path) -> N
     config = write_config(tmp_path, manifest, epochs1=2, epochs2=1)
     torchrun = Path(sys.executable).with_name("torchrun")
     done = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "-m", "bnfix", "fusion-tune", "--config", config],
+        # --standalone: a free port on localhost, so a busy 29500 on the CI machine cannot break it
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "bnfix",
+            "fusion-tune",
+            "--config",
+            config,
+        ],
         capture_output=True,
         text=True,
         cwd=tmp_path,
