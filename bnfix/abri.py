@@ -109,20 +109,28 @@ class ABRiBatchNorm2d(nn.Module):
         Recomputing them costs ~30 small ops per block, which on a GPU are 30 kernel
         launches: more than the normalisation itself. The cache is only used when no gradient
         is recorded and keyed on each source tensor's identity and version counter, so any
-        in-place update (optimizer step, load_state_dict, recalibration) invalidates it.
+        in-place update (optimizer step, load_state_dict, recalibration) or replaced tensor
+        invalidates it.
         """
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return folded_parameters(self)
+        sources = self._sources()
         try:
-            key = tuple((id(t), t._version, t.device, t.dtype) for t in self._sources())
+            versions = tuple(t._version for t in sources)
         except RuntimeError:  # inference tensors carry no version counter: do not cache
             return folded_parameters(self)
         cached = self.__dict__.get("_folded_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        # The cache holds the source tensors themselves, so identity (not a reusable id())
+        # tells a replaced tensor from the one the values were computed from.
+        if (
+            cached is not None
+            and cached[1] == versions
+            and all(a is b for a, b in zip(cached[0], sources, strict=True))
+        ):
+            return cached[2]
         with torch.no_grad():
             value = folded_parameters(self)
-        self.__dict__["_folded_cache"] = (key, value)
+        self.__dict__["_folded_cache"] = (sources, versions, value)
         return value
 
     def _train_forward(self, x: Tensor) -> Tensor:

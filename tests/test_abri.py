@@ -315,6 +315,10 @@ def test_eval_cache_follows_every_in_place_change():
         state["original.bias"] += 3.0
         block.load_state_dict(state)
         assert_scaled_close(block(x), reference(), 1e-6)
+        block.alpha = nn.Parameter(torch.full((4,), 0.9))  # a replaced tensor, not an update
+        assert_scaled_close(block(x), reference(), 1e-6)
+        block.load_state_dict(state, assign=True)
+        assert_scaled_close(block(x), reference(), 1e-6)
     block.train()
     block(x)  # a training step moves the running statistics
     block.eval()
