@@ -249,13 +249,19 @@ def save_checkpoint(
 
 def write_atomic(out: Path, payload: bytes) -> None:
     """Write bytes so that ``out`` is either untouched or complete, never half written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:  # read-only folder, no permission, disk full...
+        raise BnfixError(f"cannot write here: {exc.strerror or one_line(exc)}", out) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise BnfixError(f"cannot write here: {exc.strerror or one_line(exc)}", out) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -252,6 +252,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         (("repair", ckpt, "--modality", "audio", "--out", repaired), "pass --force"),
         (("fold", repaired, "--out", repaired), "overwrite an input"),
         (("repair", tmp_path / "missing.pt", "--modality", "audio", "--out", out), "no such file"),
+        (
+            ("repair", ckpt, "--modality", "audio", "--out", "/proc/bnfix.safetensors"),
+            "cannot write",
+        ),
     ]
     digest = sha256_file(repaired)
     for i, (args, message) in enumerate(cases):
