@@ -355,3 +355,11 @@ def test_visual_encoder_pools_frames_and_partial_logits_zero_the_other_half() ->
         assert torch.allclose(la, model.head(torch.cat([fa, torch.zeros_like(fv)], 1)), atol=1e-6)
         assert torch.allclose(lv, model.head(torch.cat([torch.zeros_like(fa), fv], 1)), atol=1e-6)
         assert torch.allclose(logits, la + lv - model.head.bias, atol=1e-5)
+
+
+def test_an_out_dir_that_cannot_be_made_is_refused_before_any_work(av_set: Path, tmp_path: Path):
+    config = write_config(tmp_path, av_set)
+    with pytest.raises(BnfixError, match=r"run\.out_dir: cannot create the folder"):
+        fusion_tune(
+            load_config(config, ["run.out_dir=/proc/bnfix-run"]), console=Console(quiet=True)
+        )

@@ -449,6 +449,14 @@ def _run(
     if not d.main:
         console = Console(quiet=True)
     check_out_dir(config, phases, stage, resume, force)
+    if d.main:  # an out_dir that cannot be made fails now, not after the features are computed
+        try:
+            config.run.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BnfixError(
+                f"run.out_dir: cannot create the folder ({exc.strerror or exc})",
+                config.run.out_dir,
+            ) from None
     d.barrier()  # every rank has checked before rank 0 writes anything
     # Architectures, init checkpoints and input sizes, before any file is written.
     a, v = config.data.audio, config.data.visual
