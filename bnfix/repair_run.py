@@ -49,6 +49,11 @@ class RepairRequest:
     audio: AudioOptions = AudioOptions()
     image: ImageOptions = ImageOptions()
 
+    def __post_init__(self) -> None:  # str paths from Python callers, too
+        self.checkpoint = Path(self.checkpoint)
+        self.probe = None if self.probe is None else Path(self.probe)
+        self.out = None if self.out is None else Path(self.out)
+
 
 @dataclass
 class RepairResult:
@@ -204,8 +209,8 @@ FOLD_TOLERANCE = 1e-5
 
 
 def run_fold(
-    checkpoint: Path,
-    out: Path,
+    checkpoint: str | Path,
+    out: str | Path,
     *,
     force: bool = False,
     arch: str | None = None,
@@ -214,6 +219,7 @@ def run_fold(
     size: int = 64,
     seed: int = 0,
 ) -> FoldResult:
+    checkpoint, out = Path(checkpoint), Path(out)
     _check_writable(out, force, (checkpoint,))
     ckpt = load_checkpoint(checkpoint, select)
     if not is_abri(ckpt.state_dict):

@@ -120,8 +120,14 @@ def test_recalibration_sets_statistics_to_the_probes(tmp_path):
     """With equal batches, the cumulative mean is the probe's mean of each BN's input."""
     ckpt, _ = planted_checkpoint(tmp_path)
     probe = audio_probe(tmp_path, n=16)
-    result = run_repair(
-        request(ckpt, probe=probe, recalibrate=True, batch_size=8, out=tmp_path / "r.safetensors"),
+    result = run_repair(  # str paths, as a Python caller may pass them
+        request(
+            str(ckpt),
+            probe=str(probe),
+            recalibrate=True,
+            batch_size=8,
+            out=str(tmp_path / "r.safetensors"),
+        ),
         QUIET,
     )
     model = result.model
