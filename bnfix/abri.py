@@ -133,12 +133,17 @@ class ABRiBatchNorm2d(nn.Module):
         self.__dict__["_folded_cache"] = (sources, versions, value)
         return value
 
+    def effective_affine(self) -> tuple[Tensor, Tensor]:
+        """γ_eff, β_eff: the one BN the block is in training mode (differentiable)."""
+        pre, new = self.original, self.additional
+        # lerp(new, pre, α) = α·pre + (1 − α)·new, one op each
+        weight = torch.lerp(new.weight, pre.weight, self.alpha)
+        return weight, torch.lerp(new.bias, pre.bias, self.alpha)
+
     def _train_forward(self, x: Tensor) -> Tensor:
         pre, new = self.original, self.additional
         self.__dict__.pop("_folded_cache", None)
-        # lerp(new, pre, α) = α·pre + (1 − α)·new, one op each
-        weight = torch.lerp(new.weight, pre.weight, self.alpha)
-        bias = torch.lerp(new.bias, pre.bias, self.alpha)
+        weight, bias = self.effective_affine()
         f_pre, f_new = _step_factor(pre), _step_factor(new)
         if f_pre == f_new:
             # Same update factor m for both: r_new' = r_pre' + (1 − m)(r_new − r_pre).

@@ -45,6 +45,7 @@ __all__ = [
     "build_model",
     "create_model",
     "empty_weights",
+    "load_weights",
     "recognise",
     "stem_in_channels",
 ]
@@ -649,7 +650,7 @@ def _adapt(model: nn.Module, fit: _Fit) -> None:
             linear.bias = nn.Parameter(torch.empty((fit.num_classes,), device="meta"))
 
 
-def _load(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     """Put the checkpoint's own tensors into the model (no copy), ready to run on the CPU.
 
     Batch counters the checkpoint lacks become 0 and ones the model lacks are dropped, so old
@@ -679,7 +680,7 @@ def _build_match(state_dict: Mapping[str, Tensor], match: _Match) -> tuple[nn.Mo
     model = _construct(match.variant.name, match.kwargs)
     _adapt(model, match.fit)
     canonical, _ = _canonical(state_dict)
-    return _load(model, canonical), match.recognition
+    return load_weights(model, canonical), match.recognition
 
 
 def _build_torchvision(
@@ -774,7 +775,7 @@ def _build_module(
     notes = _notes(result, layout, label) + _checkpoint_notes(state_dict, layout)
     _adapt(model, result)
     recognition = Recognition(label, result.in_channels, result.num_classes, tuple(notes))
-    return _load(model, state_dict), recognition
+    return load_weights(model, state_dict), recognition
 
 
 def create_model(arch: str) -> nn.Module:

@@ -215,6 +215,18 @@ def _strip_prefixes(state: dict[str, torch.Tensor], notes: list[str]) -> dict[st
     return state
 
 
+def check_writable(out: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that would replace an input (even with ``force``), an existing file
+    without ``force``, or a missing folder. Callers check before the work, writers again."""
+    resolved = Path(out).resolve()
+    if any(resolved == Path(p).resolve() for p in inputs):
+        raise BnfixError("refusing to overwrite the input checkpoint; pick another --out", out)
+    if Path(out).exists() and not force:
+        raise BnfixError("exists; pass --force to replace it", out)
+    if not Path(out).parent.is_dir():
+        raise BnfixError("folder does not exist", Path(out).parent)
+
+
 def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor],
     out: str | Path,
@@ -229,13 +241,7 @@ def save_checkpoint(
     ``inputs`` (even with ``force``) and an existing ``out`` without ``force``.
     """
     out = Path(out)
-    resolved = out.resolve()
-    if any(resolved == Path(p).resolve() for p in inputs):
-        raise BnfixError("refusing to overwrite the input checkpoint; pick another --out", out)
-    if out.exists() and not force:
-        raise BnfixError("exists; pass --force to replace it", out)
-    if not out.parent.is_dir():
-        raise BnfixError("folder does not exist", out.parent)
+    check_writable(out, force, inputs)
     meta = {str(k): str(v) for k, v in metadata.items()}
     if out.suffix in TORCH_SUFFIXES:
         buffer = io.BytesIO()

@@ -7,7 +7,6 @@ keys; ABRi blocks are recreated where the keys say so, and the weights load stri
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from bnfix.abri import convert
 from bnfix.abri_keys import ALPHA, abri_prefixes, plain_view
-from bnfix.architectures import Recognition, build_model
+from bnfix.architectures import Recognition, build_model, load_weights
 from bnfix.checkpoint import load_checkpoint
 from bnfix.errors import BnfixError, one_line
 
@@ -40,13 +39,7 @@ def model_from_state(
         names = [b for b in blocks if (state[f"{b}.{ALPHA}"].numel() == 1) == (per == "layer")]
         if names:
             convert(model, per=per, only=names)
-    wanted = model.state_dict()
-    tensors = OrderedDict(state)
-    for key in wanted:  # batch counters that old files lack, as build_model allows
-        if key.endswith("num_batches_tracked") and key not in tensors:
-            tensors[key] = torch.zeros((), dtype=torch.long)
-    try:
-        model.load_state_dict(tensors, strict=True)
+    try:  # the same strict load as build_model's (batch counters old files lack become 0)
+        return load_weights(model, state), recognition
     except RuntimeError as exc:
         raise BnfixError(f"the ABRi blocks do not load strictly: {one_line(exc)}") from None
-    return model.eval(), recognition

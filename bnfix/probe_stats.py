@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.abri import ABRiBatchNorm2d, mix
+from bnfix.abri import ABRiBatchNorm2d
 
 #: Largest temporary (in elements) a hook may allocate at once; bounds the probe's extra memory.
 _CHUNK_ELEMENTS = 1 << 20
@@ -105,18 +105,12 @@ def _recording_forward(bn: _BatchNorm | ABRiBatchNorm2d, acc: _Accumulator):
     An ABRi block in training mode is one batch norm with its effective γ and β, so it is
     measured the same way, as one layer.
     """
-    if isinstance(bn, ABRiBatchNorm2d):
-        pre, new = bn.original, bn.additional
-
-        def affine() -> tuple[torch.Tensor, torch.Tensor]:
-            return mix(bn.alpha, pre.weight, new.weight), mix(bn.alpha, pre.bias, new.bias)
-    else:
-
-        def affine() -> tuple[torch.Tensor, torch.Tensor]:
-            return bn.weight, bn.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        weight, bias = affine()
+        if isinstance(bn, ABRiBatchNorm2d):
+            weight, bias = bn.effective_affine()
+        else:
+            weight, bias = bn.weight, bn.bias
         out, mean, invstd = torch.native_batch_norm(
             x, weight, bias, None, None, True, 0.0, bn_eps(bn)
         )
@@ -177,7 +171,7 @@ def collect(
     try:
         for name, bn in modules.items():
             handles.append(bn.register_forward_hook(accumulators[name].hook))
-            if type(bn) in _PLAIN_BN or isinstance(bn, ABRiBatchNorm2d):
+            if type(bn) in _RECORDS_ITSELF:
                 bn.forward = _recording_forward(bn, accumulators[name])
         with batch_statistics_mode(model), torch.inference_mode():
             for batch in batches:

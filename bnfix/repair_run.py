@@ -18,7 +18,13 @@ from bnfix import __version__
 from bnfix.abri import PER_CHOICES, Per, abri_blocks, check_alpha, fold
 from bnfix.abri_keys import is_abri
 from bnfix.architectures import build_model, stem_in_channels
-from bnfix.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, sha256_file
+from bnfix.checkpoint import (
+    Checkpoint,
+    check_writable,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
 from bnfix.errors import BnfixError
 from bnfix.loading import model_from_state
 from bnfix.masks import Thresholds
@@ -86,7 +92,7 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
     check_request(r)
     out = r.out or default_output(r.checkpoint, r.strategy)
     inputs = (r.checkpoint, *([r.probe] if r.probe else []))
-    _check_writable(out, r.force, inputs)
+    check_writable(out, r.force, inputs)
     ckpt = load_checkpoint(r.checkpoint, r.select)
     if is_abri(ckpt.state_dict):
         raise BnfixError(
@@ -181,16 +187,6 @@ def _check_probe_shape(probe: Probe, r: RepairRequest) -> None:
         )
 
 
-def _check_writable(out: Path, force: bool, inputs: tuple[Path, ...]) -> None:
-    """save_checkpoint checks again when writing; checking first saves the work."""
-    if any(out.resolve() == Path(p).resolve() for p in inputs):
-        raise BnfixError("--out would overwrite an input file; pick another name", out)
-    if out.exists() and not force:
-        raise BnfixError("exists; pass --force to replace it", out)
-    if not out.parent.is_dir():
-        raise BnfixError("--out: folder does not exist", out.parent)
-
-
 # ------------------------------------------------------------------------------------ fold
 
 
@@ -220,7 +216,7 @@ def run_fold(
     seed: int = 0,
 ) -> FoldResult:
     checkpoint, out = Path(checkpoint), Path(out)
-    _check_writable(out, force, (checkpoint,))
+    check_writable(out, force, (checkpoint,))
     ckpt = load_checkpoint(checkpoint, select)
     if not is_abri(ckpt.state_dict):
         raise BnfixError(
