@@ -22,6 +22,8 @@ from bnfix.thresholds import Thresholds
 if TYPE_CHECKING:
     import torch
 
+    from bnfix.repair_run import RepairResult
+
 MODALITIES = click.Choice(["audio", "visual"])
 
 
@@ -335,7 +337,7 @@ def repair(
         report.write_json([result.before, result.after], json_out, Console(file=sys.stdout))
 
 
-def show_repair(result: object, console: Console) -> None:
+def show_repair(result: RepairResult, console: Console) -> None:
     from bnfix import report
 
     report.render([result.before, result.after], console, labels=("before", "after"))
