@@ -5,13 +5,14 @@ spectrograms [B, 1, T, F] that bnfix meets in audio) differ only in their BatchN
 plain BN, the paper's naive two-BN ABRi (``α·bn1(x) + (1−α)·bn2(x)``, written below), and
 bnfix's one-pass ABRi from :func:`bnfix.abri.convert` with α per layer and per channel.
 A training step is forward + cross-entropy backward + SGD step (``zero_grad(set_to_none=True)``);
-an eval forward runs the model in eval mode under ``torch.inference_mode``. Variants are
+an eval forward runs the model in eval mode under ``torch.inference_mode`` (bnfix's ABRi folds
+its two BNs into one BN's parameters on every eval forward: nothing is cached). Variants are
 interleaved inside every repeat (plain, naive, abri, ..., then the same rotated by one) after a
 warm-up; the table shows median times and the median over rounds of each round's ratio to
 plain BN, all measured in this run.
 
     python benchmarks/abri_step.py [--batch-size 8] [--input 1x256x128] [--repeats 7]
-        [--device auto|cpu|cuda] [--threads N] [--amp] [--channels-last]
+        [--device auto|cpu|cuda] [--threads N] [--amp] [--channels-last] [--eval-only]
 
 :func:`run` returns the rows, so other scripts (``gpu_abri_check.py``) reuse the measurement.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import platform
 import statistics
 import time
@@ -35,7 +37,7 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bnfix.abri import convert
+from bnfix.abri import ABRiBatchNorm2d, convert
 
 TARGET_TRAIN = 1.10  # bnfix ABRi train step / plain BN train step
 TARGET_EVAL = 1.02  # bnfix ABRi eval forward / plain BN eval forward
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp", action="store_true", help="bf16 autocast (on CPU too when the device is CPU)"
     )
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--eval-only", action="store_true", help="time eval forwards only, no training steps"
+    )
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
@@ -232,18 +237,44 @@ def timed(
     samples.append((clock() - start) * 1000.0 / iters)
 
 
+def median(samples: list[float]) -> float:
+    """The median, NaN for no samples (training is not timed under ``--eval-only``)."""
+    return statistics.median(samples) if samples else math.nan
+
+
 def paired_ratio(samples: list[float], base: list[float]) -> float:
     """Median over rounds of (this round's time / plain BN's time in the same round).
 
     Rounds that share the machine's load are compared with each other, so a busy spell that
     slows a whole round cancels out instead of landing on whichever variant it hit.
     """
-    return statistics.median(s / b for s, b in zip(samples, base, strict=True))
+    return median([s / b for s, b in zip(samples, base, strict=True)])
 
 
 def spread(samples: list[float]) -> float:
     """Slowest round / fastest round: 1.0 on a quiet machine, far above it on a busy one."""
-    return max(samples) / min(samples)
+    return max(samples) / min(samples) if samples else 1.0
+
+
+def fold_cost_ms(
+    model: nn.Module, device: torch.device, clock: Callable[[], float], repeats: int = 50
+) -> float:
+    """What one eval forward spends on folding its ABRi blocks (0 for a model without any).
+
+    Every eval forward of an ABRi block first computes the one BN it equals
+    (:meth:`ABRiBatchNorm2d.eval_affine`); timing that alone, many times, isolates the cost
+    the whole-forward timings above only show inside their noise. Median of ``repeats``.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, ABRiBatchNorm2d)]
+    if not blocks:
+        return 0.0
+    samples: list[float] = []
+    with torch.inference_mode():
+        for _ in range(repeats + 5):
+            with timed(samples, device, 1, clock):
+                for block in blocks:
+                    block.eval_affine()
+    return statistics.median(samples[5:])
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -252,8 +283,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     Each row: ``variant``, ``train_ms`` and ``eval_ms`` (medians over rounds), ``train_ratio``
     and ``eval_ratio`` (against plain BN, see :func:`paired_ratio`), ``*_spread`` (see
     :func:`spread`), the raw per-round samples and the eval outputs' largest difference from
-    plain BN before any training (all variants compute the same function then), and the aten
-    ops one train step and one eval forward dispatch (``train_ops``, ``eval_ops``).
+    plain BN before any training (all variants compute the same function then), the aten
+    ops one train step and one eval forward dispatch (``train_ops``, ``eval_ops``), and the
+    part of an eval forward spent folding the ABRi blocks (``fold_ms``, :func:`fold_cost_ms`).
     """
     device = resolve_device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
@@ -289,10 +321,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     small_x = x[:2, :, :64, :64].contiguous(memory_format=fmt)
     ops = {}
     for r in runners:
-        r.model.train()
-        train_ops = count_ops(lambda r=r: train_step(r, small_x, y[:2], amp))
+        train_ops = 0
+        if not args.eval_only:
+            r.model.train()
+            train_ops = count_ops(lambda r=r: train_step(r, small_x, y[:2], amp))
         r.model.eval()
-        eval_forward(r, small_x, amp)  # steady state: what every further eval batch costs
+        eval_forward(r, small_x, amp)  # untimed: the first call pays one-off costs
         ops[r.name] = (train_ops, count_ops(lambda r=r: eval_forward(r, small_x, amp)))
 
     train: dict[str, list[float]] = {r.name: [] for r in runners}
@@ -306,6 +340,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         k = round_ % len(runners)  # rotate the order so that no variant always goes first
         order = runners[k:] + runners[:k]
         for r in order:
+            if args.eval_only:
+                break
             r.model.train()
             with timed(train[r.name], device, args.iters, clock):
                 for _ in range(args.iters):
@@ -317,7 +353,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     eval_forward(r, x, amp)
         if not keep:
             for r in runners:
-                train[r.name].pop()
+                if train[r.name]:
+                    train[r.name].pop()
                 evals[r.name].pop()
 
     rows = []
@@ -326,13 +363,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             {
                 "key": r.name,
                 "variant": VARIANTS[r.name][0],
-                "train_ms": statistics.median(train[r.name]),
+                "train_ms": median(train[r.name]),
                 "train_ratio": paired_ratio(train[r.name], train[BASELINE]),
                 "eval_ms": statistics.median(evals[r.name]),
                 "eval_ratio": paired_ratio(evals[r.name], evals[BASELINE]),
                 "train_spread": spread(train[r.name]),
                 "eval_spread": spread(evals[r.name]),
-                "rounds": len(train[r.name]),
+                "fold_ms": fold_cost_ms(r.model, device, clock),
+                "rounds": len(evals[r.name]),
                 "train_ops": ops[r.name][0],
                 "eval_ops": ops[r.name][1],
                 "train_samples_ms": train[r.name],
@@ -354,6 +392,8 @@ def config_line(args: argparse.Namespace, device: torch.device, rounds: int) -> 
 
 
 def ratio_cell(ratio: float, target: float | None) -> str:
+    if math.isnan(ratio):
+        return "—"
     if target is None:
         return f"{ratio:.3f}×"
     return f"{ratio:.3f}× {'ok' if ratio <= target else 'MISS'}"
@@ -376,7 +416,7 @@ def print_table(rows: list[dict], args: argparse.Namespace, console: Console | N
         checked = row["key"] in CHECKED
         table.add_row(
             row["variant"],
-            f"{row['train_ms']:.1f}",
+            "—" if math.isnan(row["train_ms"]) else f"{row['train_ms']:.1f}",
             ratio_cell(row["train_ratio"], TARGET_TRAIN if checked else None),
             f"{row['eval_ms']:.1f}",
             ratio_cell(row["eval_ratio"], TARGET_EVAL if checked else None),
@@ -384,8 +424,20 @@ def print_table(rows: list[dict], args: argparse.Namespace, console: Console | N
     console.print(table)
     worst = max(r["max_abs_diff_vs_plain_at_init"] for r in rows)
     console.print(f"eval outputs at init, largest |Δ| from plain BN over the variants: {worst:.2e}")
-    counts = ", ".join(f"{r['variant']} {r['train_ops']}/{r['eval_ops']}" for r in rows)
-    console.print(f"aten ops per train step/eval forward (≈ kernel launches): {counts}")
+    if args.eval_only:
+        counts = ", ".join(f"{r['variant']} {r['eval_ops']}" for r in rows)
+        console.print(f"aten ops per eval forward (≈ kernel launches): {counts}")
+    else:
+        counts = ", ".join(f"{r['variant']} {r['train_ops']}/{r['eval_ops']}" for r in rows)
+        console.print(f"aten ops per train step/eval forward (≈ kernel launches): {counts}")
+    plain = rows[0]["eval_ms"]
+    folds = ", ".join(
+        f"{r['variant']} {r['fold_ms']:.2f} ms ({100 * r['fold_ms'] / plain:.1f}% of plain BN's)"
+        for r in rows
+        if r["fold_ms"]
+    )
+    if folds:
+        console.print(f"eval forward's folding of the ABRi blocks, timed alone: {folds}")
     noise = max(max(r["train_spread"], r["eval_spread"]) for r in rows)
     note = " (busy machine: treat the ratios as rough)" if noise > NOISY else ""
     console.print(f"slowest/fastest round, worst over the variants: {noise:.2f}×{note}")

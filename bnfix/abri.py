@@ -5,13 +5,15 @@ Both BNs see the same batch statistics in training, so the mix *is* one batch no
 ``γ_eff = αγ_pre + (1−α)γ_new`` and ``β_eff = αβ_pre + (1−α)β_new``; autograd through ``γ_eff`` and
 ``β_eff`` gives exactly the two-BN gradients. The fresh BN's running statistics follow from the
 pretrained one's update by an O(C) identity instead of a second pass over the activations. In
-eval mode the block is a per-channel affine map, written as the parameters of one BatchNorm so
-that the forward is the same single kernel a plain BN runs (and :func:`fold` is that map).
+eval mode the block is a per-channel affine map, written as the γ and β of one BatchNorm that
+normalises with the pretrained BN's running statistics, so that the forward is the same single
+kernel a plain BN runs (and :func:`fold` is that map).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -85,53 +87,39 @@ class ABRiBatchNorm2d(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input [N, C, H, W], got {x.dim()}-D")
         if not self.training:
-            weight, bias, mean, var = self._eval_parameters()
-            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.original.eps)
+            pre = self.original
+            weight, bias = self.eval_affine()
+            return F.batch_norm(
+                x, pre.running_mean, pre.running_var, weight, bias, False, 0.0, pre.eps
+            )
         return self._train_forward(x)
 
-    def _sources(self) -> tuple[Tensor, ...]:
-        pre, new = self.original, self.additional
-        return (
-            self.alpha,
-            pre.weight,
-            pre.bias,
-            pre.running_mean,
-            pre.running_var,
-            new.weight,
-            new.bias,
-            new.running_mean,
-            new.running_var,
-        )
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        """γ, β of one BN that, with the pretrained BN's running statistics, is the block in eval.
 
-    def _eval_parameters(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The folded BN's parameters, reused across eval forwards while no source changes.
+        With ``k = γ/√(v+ε)`` per BN, the block maps ``x`` to ``α(k_pre(x − μ_pre) + β_pre) +
+        (1 − α)(k_new(x − μ_new) + β_new)``. Writing the twin's term against the pretrained
+        statistics, ``x − μ_new = (x − μ_pre) + (μ_pre − μ_new)``, gives one BN over
+        ``(μ_pre, v_pre)`` with ``γ = lerp(k_new·√(v_pre+ε), γ_pre, α)`` and
+        ``β = lerp(β_new + (μ_pre − μ_new)·k_new, β_pre, α)``. Differentiable in α, γ and β.
 
-        Recomputing them costs ~30 small ops per block, which on a GPU are 30 kernel
-        launches: more than the normalisation itself. The cache is only used when no gradient
-        is recorded and keyed on each source tensor's identity and version counter, so any
-        in-place update (optimizer step, load_state_dict, recalibration) or replaced tensor
-        invalidates it.
+        Computed afresh on every eval forward (7 ops of C elements; the foreach ones are one
+        kernel each on a GPU). There is deliberately no cache: writes through ``p.data`` (EMA /
+        mean-teacher updates) and ``p.data = ...`` (``vector_to_parameters``, ``module.to``)
+        change neither a tensor's identity nor its version counter, so no cheap key can tell
+        that cached values are still those of the weights. Recomputing measured ≈1% of a
+        ResNet-18 eval forward on CPU at batch 8 (README, ``benchmarks/abri_step.py``).
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return folded_parameters(self)
-        sources = self._sources()
-        try:
-            versions = tuple(t._version for t in sources)
-        except RuntimeError:  # inference tensors carry no version counter: do not cache
-            return folded_parameters(self)
-        cached = self.__dict__.get("_folded_cache")
-        # The cache holds the source tensors themselves, so identity (not a reusable id())
-        # tells a replaced tensor from the one the values were computed from.
-        if (
-            cached is not None
-            and cached[1] == versions
-            and all(a is b for a, b in zip(cached[0], sources, strict=True))
-        ):
-            return cached[2]
-        with torch.no_grad():
-            value = folded_parameters(self)
-        self.__dict__["_folded_cache"] = (sources, versions, value)
-        return value
+        pre, new = self.original, self.additional
+        variances = torch._foreach_add([pre.running_var, new.running_var], pre.eps)
+        root_pre, root_new = torch._foreach_sqrt(variances)
+        scale_new = new.weight / root_new  # k_new
+        weight_new = scale_new * root_pre
+        bias_new = torch.addcmul(new.bias, pre.running_mean - new.running_mean, scale_new)
+        weight, bias = torch._foreach_lerp(
+            [weight_new, bias_new], [pre.weight, pre.bias], [self.alpha, self.alpha]
+        )
+        return weight, bias
 
     def effective_affine(self) -> tuple[Tensor, Tensor]:
         """γ_eff, β_eff: the one BN the block is in training mode (differentiable)."""
@@ -141,41 +129,58 @@ class ABRiBatchNorm2d(nn.Module):
         return weight, torch.lerp(new.bias, pre.bias, self.alpha)
 
     def _train_forward(self, x: Tensor) -> Tensor:
+        """One normalisation pass; the block's state changes only once it has succeeded.
+
+        A forward that raises (a batch of one, a dtype or device mismatch, out of memory in an
+        OOM-retry loop) leaves both BNs' running statistics and batch counts as they were, so
+        a retry is the same step as if the failed call had never happened.
+        """
         pre, new = self.original, self.additional
-        self.__dict__.pop("_folded_cache", None)
+        check_batch_size(x)  # F.batch_norm's check, which torch.native_batch_norm lacks
         weight, bias = self.effective_affine()
-        f_pre, f_new = _step_factor(pre), _step_factor(new)
+        f_pre, f_new = update_factor(pre), update_factor(new)
+        stats_pre = [pre.running_mean, pre.running_var]
+        stats_new = [new.running_mean, new.running_var]
         if f_pre == f_new:
             # Same update factor m for both: r_new' = r_pre' + (1 − m)(r_new − r_pre).
-            stats_pre = [pre.running_mean, pre.running_var]
-            stats_new = [new.running_mean, new.running_var]
-            with torch.no_grad():
-                torch._foreach_sub_(stats_new, stats_pre)  # r_new − r_pre, before the update
+            with torch.no_grad():  # into a temporary: the twin waits until the kernel ran
+                gap = torch._foreach_sub(stats_new, stats_pre)  # r_new − r_pre, before the update
+                torch._foreach_mul_(gap, 1.0 - f_pre)
             y = F.batch_norm(
                 x, pre.running_mean, pre.running_var, weight, bias, True, f_pre, pre.eps
             )
             with torch.no_grad():
-                torch._foreach_mul_(stats_new, 1.0 - f_pre)
-                torch._foreach_add_(stats_new, stats_pre)
-            return y
-        # Cumulative averaging with different batch counts: the identity needs one factor, so
-        # take the batch statistics the kernel computed anyway and update the twin directly.
-        y, mean, invstd = torch.native_batch_norm(
-            x, weight, bias, pre.running_mean, pre.running_var, True, f_pre, pre.eps
-        )
+                torch._foreach_copy_(stats_new, stats_pre)
+                torch._foreach_add_(stats_new, gap)
+        else:
+            # Cumulative averaging with different batch counts: the identity needs one factor,
+            # so take the batch statistics the kernel computed anyway and update the twin.
+            y, mean, invstd = torch.native_batch_norm(
+                x, weight, bias, pre.running_mean, pre.running_var, True, f_pre, pre.eps
+            )
+            with torch.no_grad():
+                n = x.numel() // x.shape[1]  # > 1: check_batch_size
+                var = (invstd.double().pow(-2) - pre.eps).clamp_(min=0) * (n / (n - 1))
+                new.running_mean.lerp_(mean.to(new.running_mean.dtype), f_new)
+                new.running_var.lerp_(var.to(new.running_var.dtype), f_new)
         with torch.no_grad():
-            n = x.numel() // x.shape[1]
-            var = (invstd.double().pow(-2) - pre.eps).clamp_(min=0) * (n / max(n - 1, 1))
-            new.running_mean.lerp_(mean.to(new.running_mean.dtype), f_new)
-            new.running_var.lerp_(var.to(new.running_var.dtype), f_new)
+            torch._foreach_add_([pre.num_batches_tracked, new.num_batches_tracked], 1)
         return y
 
 
-def _step_factor(bn: nn.BatchNorm2d) -> float:
-    """Count the batch and return the running-statistics factor, as ``_BatchNorm.forward`` does."""
-    bn.num_batches_tracked.add_(1)
+def check_batch_size(x: Tensor) -> None:
+    """Refuse, as ``F.batch_norm`` does in training, an input with one value per channel."""
+    if math.prod((x.shape[0], *x.shape[2:])) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.size()}"
+        )
+
+
+def update_factor(bn: nn.BatchNorm2d) -> float:
+    """The factor this batch updates ``bn``'s running statistics with, as ``_BatchNorm.forward``
+    computes it, but without counting the batch yet (that waits for a successful forward)."""
     if bn.momentum is None:
-        return 1.0 / float(bn.num_batches_tracked)
+        return 1.0 / (float(bn.num_batches_tracked) + 1.0)
     return float(bn.momentum)
 
 
@@ -206,7 +211,8 @@ def folded_parameters(
     The folded statistics are :func:`mixed_statistics`, and γ, β follow from ``s`` and ``t``:
     once the two running statistics agree (they converge during fine-tuning) the folded BN has
     ``γ = γ_eff`` and ``β = β_eff`` and matches the block in training mode too.
-    Differentiable in α, γ and β, so eval-mode fine-tuning trains them correctly.
+    (The block's own eval forward uses :meth:`ABRiBatchNorm2d.eval_affine`, the same map in
+    fewer ops, written against the pretrained BN's statistics.)
     """
     pre, new = block.original, block.additional
     dtype = dtype or pre.weight.dtype
@@ -235,13 +241,20 @@ def convert(
     ``only`` restricts the swap to the named modules. Other batch norms that act on feature
     maps (SyncBatchNorm, timm's BatchNormAct2d and other subclasses) are refused: swapping them
     would silently drop what they add. BatchNorm1d/3d are left alone.
+
+    Existing ABRi blocks are left exactly as they are (their inner ``original``/``additional``
+    BNs belong to the block), so converting twice is a no-op for them whatever ``alpha`` and
+    ``per`` say; naming a block in ``only`` is allowed, naming a BN inside one is refused.
     """
     check_alpha(alpha)
     if per not in PER_CHOICES:
         raise BnfixError(f"alpha per must be one of {', '.join(PER_CHOICES)}, not {per!r}")
     wanted = None if only is None else set(only)
     found: set[str] = set()
-    for name, module in list(model.named_modules()):
+    for name, module in list(_layers(model)):
+        if isinstance(module, ABRiBatchNorm2d):
+            found.add(name)  # already converted
+            continue
         if not isinstance(module, _BatchNorm) or (wanted is not None and name not in wanted):
             continue
         if type(module) in (nn.BatchNorm1d, nn.BatchNorm3d):
@@ -255,8 +268,28 @@ def convert(
         found.add(name)
         _set_submodule(model, name, ABRiBatchNorm2d.from_batchnorm(module, alpha, per))
     if wanted is not None and (missing := sorted(wanted - found)):
+        inner = [n for n in missing if any(n.startswith(f"{b}.") for b in found)]
+        if inner:
+            raise BnfixError(
+                f"{', '.join(inner)} is inside an ABRi block; name the block itself in only=..."
+            )
         raise BnfixError(f"no BatchNorm2d named {', '.join(missing)} in the model")
     return model
+
+
+def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without descending into ABRi blocks (each shared module once)."""
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if not isinstance(module, ABRiBatchNorm2d):
+            children = [(f"{name}.{k}" if name else k, m) for k, m in module.named_children()]
+            stack.extend(reversed(children))
 
 
 def fold(model: nn.Module) -> nn.Module:
