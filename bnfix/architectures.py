@@ -43,8 +43,10 @@ from bnfix.errors import BnfixError, one_line
 __all__ = [
     "Recognition",
     "build_model",
+    "canonical_keys",
     "create_model",
     "empty_weights",
+    "is_builtin",
     "load_weights",
     "recognise",
     "stem_in_channels",
@@ -476,7 +478,7 @@ def _shapes(state_dict: Mapping[str, Tensor]) -> dict[str, Shape]:
     return {k: tuple(v.shape) for k, v in state_dict.items() if not _is_batch_counter(k)}
 
 
-def _canonical(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
+def canonical_keys(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], bool]:
     """Rename pre-0.3 DenseNet keys (``norm.1`` → ``norm1``) as torchvision itself does."""
     renamed = False
     result = {}
@@ -575,7 +577,7 @@ def _search(state_dict: Mapping[str, Tensor]) -> tuple[_Match | None, str | None
     Representatives are built lazily, so a ResNet checkpoint builds only ResNets. The second
     pass only matters should a future torchvision member outgrow its representative.
     """
-    canonical, renamed = _canonical(state_dict)
+    canonical, renamed = canonical_keys(state_dict)
     shapes = _shapes(canonical)
     patterns = {_pattern(k) for k in shapes}
     if not patterns:
@@ -679,22 +681,22 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modul
 def _build_match(state_dict: Mapping[str, Tensor], match: _Match) -> tuple[nn.Module, Recognition]:
     model = _construct(match.variant.name, match.kwargs)
     _adapt(model, match.fit)
-    canonical, _ = _canonical(state_dict)
+    canonical, _ = canonical_keys(state_dict)
     return load_weights(model, canonical), match.recognition
 
 
 def _build_torchvision(
-    state_dict: Mapping[str, Tensor], name: str
+    state_dict: Mapping[str, Tensor], name: str, option: str = "--arch"
 ) -> tuple[nn.Module, Recognition]:
     """Build the named torchvision model, or say precisely why the checkpoint does not fit."""
     if name not in _torchvision_names():
         raise BnfixError(
-            f"unknown architecture {name!r}: pass a torchvision model name (e.g. resnet50), "
-            "pkg.module:factory or timm:NAME"
+            f"{option}: unknown architecture {name!r}: pass a torchvision model name "
+            "(e.g. resnet50), pkg.module:factory or timm:NAME"
         )
     variants = [v for vs in _FAMILIES.values() for v in vs if v.name == name]
     variants = variants or [_Variant(name, keys=0)]
-    canonical, renamed = _canonical(state_dict)
+    canonical, renamed = canonical_keys(state_dict)
     mismatches = []
     for variant in variants:
         result = _fit_variant(canonical, variant, renamed)
@@ -703,8 +705,8 @@ def _build_torchvision(
         mismatches.append(result)
     closest = min(mismatches, key=lambda m: m.size)
     raise BnfixError(
-        f"--arch {name} does not fit this checkpoint: {closest.describe()}; "
-        "check the architecture or pass --arch pkg.module:factory"
+        f"{option} {name} does not fit this checkpoint: {closest.describe()}; "
+        f"check the architecture or pass {option} pkg.module:factory"
     )
 
 
@@ -714,43 +716,49 @@ def _one_line(exc: BaseException) -> str:
     return name if message == name else f"{name}: {message}"
 
 
-def _resolve_factory(spec: str) -> Callable[[], object]:
+def _resolve_factory(spec: str, option: str = "--arch") -> Callable[[], object]:
     """Import ``pkg.module:factory`` (the target may be dotted, e.g. ``Class.create``)."""
     module_name, _, target = spec.partition(":")
     if not module_name or not target:
-        raise BnfixError(f"bad --arch {spec!r}: expected pkg.module:factory")
+        raise BnfixError(f"bad {option} {spec!r}: expected pkg.module:factory")
     try:
         obj: object = importlib.import_module(module_name)
     except Exception as exc:
         raise BnfixError(
-            f"cannot import {module_name!r} for --arch {spec}: {_one_line(exc)}; "
+            f"cannot import {module_name!r} for {option} {spec}: {_one_line(exc)}; "
             "is it installed or on PYTHONPATH?"
         ) from exc
     for part in target.split("."):
         if not hasattr(obj, part):
-            raise BnfixError(f"--arch {spec}: {module_name} has no attribute {target!r}")
+            raise BnfixError(f"{option} {spec}: {module_name} has no attribute {target!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise BnfixError(f"--arch {spec}: {target!r} is a {type(obj).__name__}, not callable")
+        raise BnfixError(f"{option} {spec}: {target!r} is a {type(obj).__name__}, not callable")
     return obj
 
 
-def _call_factory(spec: str) -> nn.Module:
-    factory = _resolve_factory(spec)
+def _call_factory(spec: str, option: str = "--arch") -> nn.Module:
+    factory = _resolve_factory(spec, option)
     try:
         model = factory()
     except Exception as exc:
-        raise BnfixError(f"--arch {spec}: calling {spec}() failed: {_one_line(exc)}") from exc
+        raise BnfixError(f"{option} {spec}: calling {spec}() failed: {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise BnfixError(
-            f"--arch {spec}: {spec}() returned a {type(model).__name__}, not a torch.nn.Module"
+            f"{option} {spec}: {spec}() returned a {type(model).__name__}, not a torch.nn.Module"
         )
     return model
 
 
-def _create_timm(name: str) -> nn.Module:
+def _create_timm(name: str, option: str = "--arch") -> nn.Module:
     if not name:
-        raise BnfixError("bad --arch 'timm:': expected timm:NAME, e.g. timm:resnet50")
+        raise BnfixError(f"bad {option} 'timm:': expected timm:NAME, e.g. timm:resnet50")
+    if ":" in name or "/" in name:
+        # hf-hub:, local-dir: and the like fetch or read configs: bnfix never goes online.
+        raise BnfixError(
+            f"{option} timm:{name}: only timm's built-in model names are accepted "
+            "(no hub or local-dir sources; bnfix never downloads)"
+        )
     if importlib.util.find_spec("timm") is None:
         raise BnfixError("timm is not installed: pip install timm")
     import timm
@@ -758,18 +766,32 @@ def _create_timm(name: str) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=False)
     except Exception as exc:
-        raise BnfixError(f"--arch timm:{name}: timm cannot create it: {_one_line(exc)}") from exc
+        raise BnfixError(f"{option} timm:{name}: timm cannot create it: {_one_line(exc)}") from exc
+
+
+def is_builtin(arch: str) -> bool:
+    """True for names bnfix builds without importing anyone's code: torchvision's models and,
+    when timm is installed, timm's registered ones. A ``pkg.module:factory`` is never built-in:
+    building it imports and calls that module."""
+    if arch.startswith("timm:"):
+        name = arch.removeprefix("timm:")
+        if not name or importlib.util.find_spec("timm") is None:
+            return False
+        import timm
+
+        return name in timm.list_models()
+    return ":" not in arch and arch in _torchvision_names()
 
 
 def _build_module(
-    state_dict: Mapping[str, Tensor], model: nn.Module, label: str
+    state_dict: Mapping[str, Tensor], model: nn.Module, label: str, option: str = "--arch"
 ) -> tuple[nn.Module, Recognition]:
     """Fit a checkpoint to a user-supplied module (same tolerance as for torchvision)."""
     layout = _layout_of(model)
     result = _fit(_shapes(state_dict), layout)
     if isinstance(result, _Mismatch):
         raise BnfixError(
-            f"--arch {label} does not fit this checkpoint: {result.describe()}; "
+            f"{option} {label} does not fit this checkpoint: {result.describe()}; "
             "check that it builds the same architecture"
         )
     notes = _notes(result, layout, label) + _checkpoint_notes(state_dict, layout)
@@ -778,25 +800,29 @@ def _build_module(
     return load_weights(model, state_dict), recognition
 
 
-def create_model(arch: str) -> nn.Module:
+def create_model(arch: str, *, option: str = "--arch") -> nn.Module:
     """A randomly initialised model for ``arch`` (never downloads weights): for training from
-    scratch. ``arch`` is a torchvision name, ``"pkg.module:factory"`` or ``"timm:NAME"``."""
+    scratch. ``arch`` is a torchvision name, ``"pkg.module:factory"`` or ``"timm:NAME"``.
+
+    ``option`` is how the user named the architecture (``--arch``, a config key), so that an
+    error points at the setting to change.
+    """
     if arch.startswith("timm:"):
-        return _create_timm(arch.removeprefix("timm:"))
+        return _create_timm(arch.removeprefix("timm:"), option)
     if ":" in arch:
-        return _call_factory(arch)
+        return _call_factory(arch, option)
     names = sorted(_torchvision_names())
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=1)
         hint = f"; did you mean {close[0]}?" if close else "; or pass pkg.module:factory"
-        raise BnfixError(f"unknown architecture {arch!r}: not a torchvision model{hint}")
+        raise BnfixError(f"{option}: unknown architecture {arch!r}: not a torchvision model{hint}")
     import torchvision
 
     return torchvision.models.get_model(arch, weights=None)
 
 
 def build_model(
-    state_dict: Mapping[str, Tensor], arch: str | None = None
+    state_dict: Mapping[str, Tensor], arch: str | None = None, *, option: str = "--arch"
 ) -> tuple[nn.Module, Recognition]:
     """Build the checkpoint's model with its weights: on the CPU, in eval mode.
 
@@ -804,6 +830,7 @@ def build_model(
     ``"pkg.module:factory"`` (a callable returning an ``nn.Module``) or ``"timm:NAME"``.
     The model's parameters and buffers *are* the checkpoint's tensors (bit-exact, no copy):
     clone the state dict first if it must survive training-mode updates of the model.
+    ``option`` names the setting the architecture came from, for error messages.
     """
     if arch is None:
         match, closest = _recognise(state_dict)
@@ -811,14 +838,16 @@ def build_model(
             hint = f" (closest torchvision model {closest})" if closest else ""
             raise BnfixError(
                 f"cannot recognise the architecture from the checkpoint's {len(state_dict)} "
-                f"keys{hint}; pass --arch NAME, --arch pkg.module:factory or --arch timm:NAME"
+                f"keys{hint}; pass {option} NAME, {option} pkg.module:factory or "
+                f"{option} timm:NAME"
             )
         return _build_match(state_dict, match)
     if arch.startswith("timm:"):
-        return _build_module(state_dict, _create_timm(arch.removeprefix("timm:")), arch)
+        model = _create_timm(arch.removeprefix("timm:"), option)
+        return _build_module(state_dict, model, arch, option)
     if ":" in arch:
-        return _build_module(state_dict, _call_factory(arch), arch)
-    return _build_torchvision(state_dict, arch)
+        return _build_module(state_dict, _call_factory(arch, option), arch, option)
+    return _build_torchvision(state_dict, arch, option)
 
 
 def stem_in_channels(model: nn.Module) -> int:

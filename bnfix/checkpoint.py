@@ -15,6 +15,7 @@ import pickle
 import re
 import tempfile
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from bnfix.abri_keys import from_official
+from bnfix.architectures import canonical_keys
 from bnfix.errors import BnfixError, one_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -46,6 +48,13 @@ NESTING_KEYS = (
 )
 #: Prefixes that wrappers add to every key (DataParallel, Lightning, torch.compile).
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.", "backbone.", "encoder.")
+#: Prefixes only a wrapper ever adds (never a real sub-module's name), so they are stripped
+#: even from a mere majority of keys: a DataParallel state dict with a few keys added later.
+PURE_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: Where a ``.pt`` file bnfix writes keeps its metadata: the state dict's own ``_metadata``
+#: (which ``load_state_dict`` reads by module path), under a name no module path can be, so
+#: ``model.load_state_dict(torch.load(path))`` works unchanged.
+TORCH_METADATA_KEY = "__bnfix__"
 
 
 @dataclass
@@ -116,9 +125,8 @@ def load_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
         # top to bottom as the network does.
         raw = {k: raw[k] for k in sorted(raw, key=natural_key)}
     else:
-        raw = _read_torch(path)
-        if isinstance(raw, Mapping) and isinstance(raw.get("bnfix_metadata"), Mapping):
-            metadata = {str(k): str(v) for k, v in raw["bnfix_metadata"].items()}
+        raw = _read_torch(path, fmt)
+        metadata = torch_metadata(raw)
     state, notes = unwrap(raw, path)
     if select:
         prefix = select if select.endswith(".") else select + "."
@@ -130,10 +138,50 @@ def load_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
     state, official = from_official(state)
     if official:
         notes.append("renamed the official ABRi ResNet layout (bn*_addition, fusion_weight*)")
+    state, legacy = canonical_keys(state)
+    if legacy:
+        # Renamed here, not only when a model is built, so every layer a scan reports is named
+        # as the model's module is (a probe matches layers to modules by name).
+        notes.append("legacy DenseNet key names (norm.1 → norm1) mapped to torchvision's")
     return Checkpoint(path, state, sha256_file(path), fmt, notes, metadata)
 
 
-def _read_torch(path: Path) -> object:
+def torch_metadata(raw: object) -> dict[str, str]:
+    """bnfix's metadata in a loaded ``.pt``: in the state dict's ``_metadata`` (what bnfix
+    writes now), or the ``bnfix_metadata`` entry that versions before 0.2 wrote next to it."""
+    holder = getattr(raw, "_metadata", None)
+    found = holder.get(TORCH_METADATA_KEY) if isinstance(holder, Mapping) else None
+    if found is None and isinstance(raw, Mapping):
+        found = raw.get("bnfix_metadata")
+    if not isinstance(found, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in found.items()}
+
+
+def _zip_kind(path: Path) -> str | None:
+    """Name the zip archives torch.load cannot read as a state dict (TorchScript, export)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return "a TorchScript archive (torch.jit.save)"
+    if any("/models/" in n and n.endswith(".json") for n in names):
+        return "a torch.export program (.pt2)"
+    return None
+
+
+def _read_torch(path: Path, fmt: str) -> object:
+    kind = _zip_kind(path) if fmt == "torch-zip" else None
+    if kind is not None:
+        raise BnfixError(
+            f"is {kind}, not a state dict; bnfix reads weights only: re-save the weights with "
+            "torch.save(model.state_dict(), ...) or as .safetensors",
+            path,
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # pickle-protocol chatter from torch
@@ -175,7 +223,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Dig the tensor state dict out of the nesting that training code wraps around it."""
+    """Dig the tensor state dict out of the nesting that training code wraps around it.
+
+    At each level the weights are either the level's own tensors or one of its nested
+    mappings (``state_dict``, ``model``, ...). The nested mapping wins when it holds more
+    tensors than the level itself: ``{"state_dict": sd, "best_acc1": tensor(71.2)}`` is ``sd``,
+    not a one-tensor model.
+    """
     notes: list[str] = []
     for _ in range(8):  # nesting is shallow in practice; the bound only guards against cycles
         if not isinstance(obj, Mapping):
@@ -183,13 +237,14 @@ def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tenso
                 f"holds a {type(obj).__name__}, not a state dict; save model.state_dict()", path
             )
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors and len(tensors) >= len(obj) / 2:
+        key = next((k for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
+        nested_wins = key is not None and _tensor_count(obj[key]) > len(tensors)
+        if tensors and not nested_wins:
             if len(tensors) < len(obj):
                 dropped = sorted(str(k) for k in obj if k not in tensors)
                 notes.append(f"ignored non-tensor entries: {', '.join(dropped[:5])}")
             state = {str(k): v for k, v in tensors.items()}
             return _strip_prefixes(state, notes), notes
-        key = next((k for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
         if key is None:
             nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
             hint = f" (nested entries: {', '.join(map(str, nested[:6]))})" if nested else ""
@@ -198,20 +253,45 @@ def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tenso
         note = f"unwrapped '{key}'"
         if others:
             note += f" (also present, not used: {', '.join(others)})"
+        if tensors:
+            note += (
+                f" (ignored loose tensors beside it: {', '.join(sorted(map(str, tensors))[:5])})"
+            )
         notes.append(note)
         obj = obj[key]
     raise BnfixError("nesting too deep to find a state dict", path)
 
 
+def _tensor_count(obj: object, depth: int = 4) -> int:
+    """Tensors in a mapping and the mappings under it (bounded: nesting is shallow)."""
+    if not isinstance(obj, Mapping) or depth == 0:
+        return 0
+    return sum(
+        1 if isinstance(v, torch.Tensor) else _tensor_count(v, depth - 1) for v in obj.values()
+    )
+
+
 def _strip_prefixes(state: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes: any of them from every key, and a pure wrapper's (``module.``
+    of DataParallel, ``_orig_mod.`` of torch.compile) from most keys, when that renames no key
+    onto another."""
     changed = True
     while changed and state:
         changed = False
         for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                notes.append(f"stripped prefix '{prefix}'")
-                changed = True
+            carrying = sum(k.startswith(prefix) for k in state)
+            everywhere = carrying == len(state)
+            if not everywhere and not (
+                prefix in PURE_WRAPPER_PREFIXES and carrying > len(state) / 2
+            ):
+                continue
+            renamed = {k.removeprefix(prefix): v for k, v in state.items()}
+            if len(renamed) < len(state):
+                continue  # two keys would become one: the prefix is part of the names
+            state = renamed
+            extent = "" if everywhere else f" (from {carrying} of {len(state)} keys)"
+            notes.append(f"stripped prefix '{prefix}'{extent}")
+            changed = True
     return state
 
 
@@ -237,15 +317,21 @@ def save_checkpoint(
 ) -> Path:
     """Write ``state_dict`` to ``out`` atomically: a temporary file in the same folder, renamed.
 
-    ``.safetensors`` unless the name ends in a PyTorch suffix. Refuses to overwrite any of
+    ``.safetensors`` unless the name ends in a PyTorch suffix; a ``.pt`` file holds the bare
+    state dict (``model.load_state_dict(torch.load(path))`` works) with the metadata in its
+    ``_metadata`` under :data:`TORCH_METADATA_KEY`. Refuses to overwrite any of
     ``inputs`` (even with ``force``) and an existing ``out`` without ``force``.
     """
     out = Path(out)
     check_writable(out, force, inputs)
     meta = {str(k): str(v) for k, v in metadata.items()}
     if out.suffix in TORCH_SUFFIXES:
+        plain: OrderedDict[str, torch.Tensor] = OrderedDict(state_dict)
+        versions = getattr(state_dict, "_metadata", None)
+        plain._metadata = dict(versions or {})  # type: ignore[attr-defined]
+        plain._metadata[TORCH_METADATA_KEY] = meta  # type: ignore[attr-defined]
         buffer = io.BytesIO()
-        torch.save({"state_dict": dict(state_dict), "bnfix_metadata": meta}, buffer)
+        torch.save(plain, buffer)
         payload = buffer.getvalue()
     else:
         payload = safetensors_save(_unshared(state_dict), metadata=meta)

@@ -27,6 +27,31 @@ if TYPE_CHECKING:
 MODALITIES = click.Choice(["audio", "visual"])
 
 
+class FiniteRange(click.ParamType):
+    """A finite number in ``[low, high]``. ``click.FloatRange`` lets NaN through (every
+    comparison with NaN is false), and a NaN tolerance or threshold silently switches its test
+    off: ``--fail-on nan`` would never fail."""
+
+    name = "number"
+
+    def __init__(self, low: float = 0.0, high: float = float("inf")) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (self.low <= number <= self.high and abs(number) != float("inf")):
+            upper = "" if self.high == float("inf") else f" and ≤ {self.high:g}"
+            self.fail(f"{value!r} must be a finite number ≥ {self.low:g}{upper}", param, ctx)
+        return number
+
+
+TOLERANCE = FiniteRange()
+FRACTION = FiniteRange(0.0, 1.0)
+
+
 def resolve_device(name: str) -> torch.device:
     import torch
 
@@ -141,7 +166,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="Write per-layer bars (PNG).")
 @click.option(
     "--fail-on",
-    type=click.FloatRange(0, 1),
+    type=FRACTION,
     metavar="FRACTION",
     help="Exit 1 when dead + always-dead channels exceed this share.",
 )
@@ -150,28 +175,28 @@ def cli(ctx: click.Context, debug: bool) -> None:
     "--abs-tol",
     default=Thresholds.abs_tol,
     show_default=True,
-    type=float,
+    type=TOLERANCE,
     help="|γ| and |β| below this: abnormal pair.",
 )
 @click.option(
     "--rel-tol",
     default=Thresholds.rel_tol,
     show_default=True,
-    type=float,
+    type=TOLERANCE,
     help="... or below this share of the layer's median.",
 )
 @click.option(
     "--var-tol",
     default=Thresholds.var_tol,
     show_default=True,
-    type=float,
+    type=TOLERANCE,
     help="Running variance below this: collapsed channel.",
 )
 @click.option(
     "--dead-fraction",
     default=Thresholds.dead_fraction,
     show_default=True,
-    type=click.FloatRange(0, 1),
+    type=FRACTION,
     help="Dead: ≤ 0 on at least this share of samples.",
 )
 @probe_options
@@ -256,7 +281,7 @@ def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None
     "--alpha",
     default=0.5,
     show_default=True,
-    type=click.FloatRange(0, 1),
+    type=FRACTION,
     help="ABRi: initial weight of the pretrained BN.",
 )
 @click.option(

@@ -13,6 +13,8 @@ __all__ = [
     "always_dead_mask",
     "collapsed_mask",
     "indices",
+    "invalid_mask",
+    "layer_median",
 ]
 
 #: How many standard deviations of the normalised input a channel's negative β must cover to
@@ -20,16 +22,26 @@ __all__ = [
 DEAD_MARGIN_Z = 6.0
 
 
+def layer_median(magnitude: torch.Tensor) -> torch.Tensor:
+    """The median of a layer's finite values: one NaN or Inf channel must not switch the
+    relative test off (NaN median) or on (Inf median) for the whole layer."""
+    finite = magnitude[torch.isfinite(magnitude)]
+    return finite.median() if finite.numel() else magnitude.new_tensor(float("nan"))
+
+
 def _small(values: torch.Tensor, t: Thresholds) -> torch.Tensor:
     magnitude = values.abs()
-    return (magnitude < t.abs_tol) | (magnitude < t.rel_tol * magnitude.median())
+    return (magnitude < t.abs_tol) | (magnitude < t.rel_tol * layer_median(magnitude))
 
 
 def abnormal_mask(gamma: torch.Tensor, beta: torch.Tensor, t: Thresholds) -> torch.Tensor:
-    """Both |γ_k| and |β_k| far smaller than the rest of the layer (the paper's abnormal pair)."""
+    """Both |γ_k| and |β_k| far smaller than the rest of the layer (the paper's abnormal pair).
+
+    NaN compares false, so a non-finite channel is never abnormal: :func:`invalid_mask` has it.
+    """
     g, b = gamma.abs(), beta.abs()
     absolute = (g < t.abs_tol) & (b < t.abs_tol)
-    relative = (g < t.rel_tol * g.median()) & (b < t.rel_tol * b.median())
+    relative = (g < t.rel_tol * layer_median(g)) & (b < t.rel_tol * layer_median(b))
     return absolute | relative
 
 
@@ -43,8 +55,25 @@ def always_dead_mask(gamma: torch.Tensor, beta: torch.Tensor, t: Thresholds) -> 
 
 
 def collapsed_mask(running_var: torch.Tensor, t: Thresholds) -> torch.Tensor:
-    """Stored running variance ~0: the channel's input never varied during pretraining."""
-    return running_var < t.var_tol
+    """Stored running variance ~0: the channel's input never varied during pretraining.
+
+    A negative variance is not a small one but an impossible one: :func:`invalid_mask`.
+    """
+    return (running_var >= 0) & (running_var < t.var_tol)
+
+
+def invalid_mask(
+    gamma: torch.Tensor, beta: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor
+) -> torch.Tensor:
+    """Channels whose stored tensors no BatchNorm can hold: NaN or Inf anywhere, or a negative
+    running variance. Their outputs are NaN or meaningless, so they count as unusable."""
+    finite = (
+        torch.isfinite(gamma)
+        & torch.isfinite(beta)
+        & torch.isfinite(running_mean)
+        & torch.isfinite(running_var)
+    )
+    return ~finite | (running_var < 0)
 
 
 def indices(mask: torch.Tensor) -> list[int]:

@@ -36,6 +36,7 @@ class ChannelStats:
     input_mean: torch.Tensor
     input_var: torch.Tensor
     samples: int
+    non_finite: bool = False  # the layer's input held NaN/Inf: its outputs say nothing
 
 
 class _Accumulator:
@@ -96,6 +97,9 @@ class _Accumulator:
             input_mean=self.mean.cpu(),
             input_var=(self.m2 / self.elements).cpu(),
             samples=self.samples,
+            # NaN/Inf anywhere in the input makes its batch mean or variance non-finite, so the
+            # pooled moments tell without another pass over the activations.
+            non_finite=not bool(torch.isfinite(self.mean).all() and torch.isfinite(self.m2).all()),
         )
 
 
@@ -184,16 +188,28 @@ def collect(
     return {name: acc.result() for name, acc in accumulators.items() if acc.samples}
 
 
+def _valid_statistics(running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """Channels whose stored statistics can be compared with anything (finite, variance ≥ 0):
+    one broken channel must not turn a layer's domain gap into NaN."""
+    return torch.isfinite(running_mean) & torch.isfinite(running_var) & (running_var >= 0)
+
+
+def _mean(values: torch.Tensor) -> float:
+    value = float(values.mean()) if values.numel() else float("nan")
+    return value if math.isfinite(value) else float("nan")
+
+
 def mean_shift(
     stats: ChannelStats, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
 ) -> float:
-    """Mean over channels of |probe mean − stored mean| in units of the stored std."""
-    shift = (stats.input_mean - running_mean).abs() / (running_var + eps).sqrt()
-    return float(shift.mean())
+    """Mean over valid channels of |probe mean − stored mean| in units of the stored std."""
+    valid = _valid_statistics(running_mean, running_var)
+    shift = (stats.input_mean - running_mean).abs() / (running_var.clamp(min=0) + eps).sqrt()
+    return _mean(shift[valid])
 
 
 def log_var_ratio(stats: ChannelStats, running_var: torch.Tensor, eps: float) -> float:
-    """Mean over channels of log(probe variance / stored variance); 0 means no domain gap."""
-    ratio = torch.log((stats.input_var + eps) / (running_var + eps))
-    value = float(ratio.mean())
-    return value if math.isfinite(value) else float("nan")
+    """Mean over valid channels of log(probe variance / stored variance); 0: no domain gap."""
+    valid = _valid_statistics(torch.zeros_like(running_var), running_var)
+    ratio = torch.log((stats.input_var + eps) / (running_var.clamp(min=0) + eps))
+    return _mean(ratio[valid])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +11,8 @@ from rich.table import Table
 
 from bnfix.checkpoint import write_atomic
 from bnfix.errors import BnfixError
-from bnfix.scan import CheckpointScan, LayerScan
+from bnfix.jsonio import dumps
+from bnfix.scan import UNREACHED, CheckpointScan, LayerScan
 
 SCHEMA = "bnfix.scan/1"
 #: A layer is flagged when at least this share of its channels is dead or abnormal.
@@ -45,9 +45,12 @@ def _checkpoint_json(scan: CheckpointScan) -> dict:
             "abnormal": summary.abnormal,
             "always_dead": summary.always_dead,
             "collapsed": summary.collapsed,
+            "invalid": summary.invalid,
             "dead": summary.dead,
             "capacity_used": summary.capacity_used,
             "unusable": summary.unusable,
+            "unjudged_layers": summary.unjudged_layers,
+            "lint": summary.lint,
         },
         "layers": [_layer_json(layer) for layer in scan.layers],
     }
@@ -60,7 +63,10 @@ def _layer_json(layer: LayerScan) -> dict:
         "abnormal": layer.abnormal,
         "always_dead": layer.always_dead,
         "collapsed": layer.collapsed,
+        "invalid": layer.invalid,
+        "lint": layer.lint,
         "dead": layer.dead,
+        "unjudged": layer.unjudged,
         "active_fraction": layer.active_fraction,
         "dead_sample_fraction": layer.dead_sample_fraction,
         "mean_shift": _finite(layer.mean_shift),
@@ -74,7 +80,7 @@ def _finite(value: float | None) -> float | None:
 
 
 def write_json(scans: Sequence[CheckpointScan], target: str, console: Console) -> None:
-    text = json.dumps(to_json(scans), indent=1)
+    text = dumps(to_json(scans), indent=1)
     if target == "-":
         console.file.write(text + "\n")
         console.file.flush()
@@ -95,6 +101,10 @@ def layer_warning(layer: LayerScan) -> str:
         words.append(f"{len(layer.abnormal) / layer.channels:.0%} abnormal")
     if layer.collapsed:
         words.append("collapsed var")
+    if layer.invalid:
+        words.append(f"{len(layer.invalid)} NaN/Inf or negative-var")
+    if layer.unjudged and layer.unjudged != UNREACHED:
+        words.append("not judged")
     shift, ratio = _finite(layer.mean_shift) or 0.0, _finite(layer.log_var_ratio) or 0.0
     if shift > WARN_SHIFT or abs(ratio) > WARN_SHIFT:
         words.append("domain gap")
@@ -105,27 +115,39 @@ def verdict(scan: CheckpointScan) -> str:
     """One line a user can act on."""
     s = scan.summary
     arch = scan.architecture or "unrecognised architecture"
+    broken = ""
+    if s.invalid:
+        flagged = sum(bool(layer.invalid) for layer in scan.layers)
+        broken = (
+            f"; {s.invalid:,} channels in {flagged} {'layer' if flagged == 1 else 'layers'} hold "
+            "NaN/Inf or a negative variance (counted as dead)"
+        )
     if s.dead is None:
         return (
             f"{arch}: {s.abnormal:,} abnormal pairs, {s.always_dead:,} always-dead and "
-            f"{s.collapsed:,} collapsed channels of {s.channels:,} (static only; add --probe "
-            "to measure dead channels on your data)"
+            f"{s.collapsed:,} collapsed channels of {s.channels:,}{broken} (static only; add "
+            "--probe to measure dead channels on your data)"
         )
-    worst = max(scan.layers, key=lambda layer: len(layer.unusable) / layer.channels)
-    worst_share = len(worst.unusable) / worst.channels
     on = f"on {scan.probe_samples} {scan.modality or 'probe'} samples"
-    line = (
-        f"{arch} {on}: {s.unusable:,} of {s.channels:,} channels dead "
-        f"({s.unusable / s.channels:.1%}), capacity used {s.capacity_used:.1%}"
-    )
+    share = s.unusable / s.channels
+    line = f"{arch} {on}: {s.unusable:,} of {s.channels:,} channels dead ({share:.1%})"
+    if s.capacity_used is None:
+        return line + f"{broken}; the probe could judge none of the {s.bn_layers} BN layers"
+    line += f", capacity used {s.capacity_used:.1%}"
+    if s.unjudged_layers:
+        line += f" (over the {s.bn_layers - s.unjudged_layers} of {s.bn_layers} layers judged)"
+    line += broken
+    judged = [layer for layer in scan.layers if layer.dead is not None]
+    worst = max(judged, key=lambda layer: len(layer.unusable) / layer.channels)
+    worst_share = len(worst.unusable) / worst.channels
     if worst_share >= WARN_SHARE:
-        flagged = sum(len(x.unusable) / x.channels >= WARN_SHARE for x in scan.layers)
+        flagged = sum(len(x.unusable) / x.channels >= WARN_SHARE for x in judged)
         layers = "layer" if flagged == 1 else "layers"
         line += (
             f"; {flagged} {layers} ≥{WARN_SHARE:.0%} dead, worst {worst.name} "
             f"({worst_share:.0%}): a candidate for ABRi re-initialisation"
         )
-    else:
+    elif not s.invalid:
         line += "; no layer is badly affected"
     return line
 

@@ -13,7 +13,14 @@ import torch
 from bnfix.bn_layers import BNParams, find_bn_layers
 from bnfix.checkpoint import Checkpoint
 from bnfix.errors import BnfixError, one_line
-from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, collapsed_mask, indices
+from bnfix.masks import (
+    Thresholds,
+    abnormal_mask,
+    always_dead_mask,
+    collapsed_mask,
+    indices,
+    invalid_mask,
+)
 from bnfix.probe_stats import (
     ChannelStats,
     bn_eps,
@@ -23,6 +30,12 @@ from bnfix.probe_stats import (
     mean_shift,
 )
 
+#: Lint codes a layer can carry (stored tensors no healthy BatchNorm has).
+NON_FINITE, NEGATIVE_VAR = "non_finite", "negative_var"
+#: Why a probe scan could not judge a layer.
+UNREACHED = "not reached by the probe"
+NON_FINITE_OUTPUT = "non-finite outputs on the probe"
+
 
 @dataclass
 class LayerScan:
@@ -31,16 +44,19 @@ class LayerScan:
     abnormal: list[int]
     always_dead: list[int]
     collapsed: list[int]
-    dead: list[int] | None = None
+    invalid: list[int] = field(default_factory=list)  # NaN/Inf stored, or negative variance
+    lint: list[str] = field(default_factory=list)
+    dead: list[int] | None = None  # None: not judged on a probe (see ``unjudged``)
     active_fraction: list[float] | None = None
     dead_sample_fraction: list[float] | None = None
     mean_shift: float | None = None
     log_var_ratio: float | None = None
+    unjudged: str | None = None  # why a probe could not judge this layer
 
     @property
     def unusable(self) -> set[int]:
-        """Channels that contribute nothing: always dead, or dead on the probe."""
-        return set(self.always_dead) | set(self.dead or ())
+        """Channels that contribute nothing: always dead, dead on the probe, or invalid."""
+        return set(self.always_dead) | set(self.dead or ()) | set(self.invalid)
 
 
 @dataclass
@@ -50,9 +66,12 @@ class ScanSummary:
     abnormal: int
     always_dead: int
     collapsed: int
+    invalid: int
     dead: int | None
-    capacity_used: float | None
-    unusable: int  # dead on the probe or always dead: what ``--fail-on`` counts
+    capacity_used: float | None  # over the layers the probe judged; None without a probe
+    unusable: int  # dead on the probe, always dead or invalid: what ``--fail-on`` counts
+    unjudged_layers: int  # probed scans: layers the probe did not reach or could not judge
+    lint: dict[str, int] = field(default_factory=dict)  # code -> number of layers
 
 
 @dataclass
@@ -70,15 +89,28 @@ class CheckpointScan:
         probed = self.probe_samples > 0
         channels = sum(layer.channels for layer in self.layers)
         unusable = sum(len(layer.unusable) for layer in self.layers)
+        # Capacity is measured where the probe measured: a layer it never reached (or whose
+        # outputs were NaN) is neither used nor unused, so it is left out, not counted as live.
+        judged = [layer for layer in self.layers if layer.dead is not None]
+        judged_channels = sum(layer.channels for layer in judged)
+        judged_unusable = sum(len(layer.unusable) for layer in judged)
+        capacity = 1 - judged_unusable / judged_channels if probed and judged_channels else None
+        lint: dict[str, int] = {}
+        for layer in self.layers:
+            for code in layer.lint:
+                lint[code] = lint.get(code, 0) + 1
         return ScanSummary(
             bn_layers=len(self.layers),
             channels=channels,
             abnormal=sum(len(layer.abnormal) for layer in self.layers),
             always_dead=sum(len(layer.always_dead) for layer in self.layers),
             collapsed=sum(len(layer.collapsed) for layer in self.layers),
+            invalid=sum(len(layer.invalid) for layer in self.layers),
             dead=sum(len(layer.dead or ()) for layer in self.layers) if probed else None,
-            capacity_used=(1 - unusable / channels) if probed and channels else None,
+            capacity_used=capacity,
             unusable=unusable,
+            unjudged_layers=len(self.layers) - len(judged) if probed else 0,
+            lint=lint,
         )
 
     @property
@@ -94,12 +126,30 @@ def static_layer(bn: BNParams, t: Thresholds) -> LayerScan:
         abnormal=indices(abnormal_mask(bn.weight, bn.bias, t)),
         always_dead=indices(always_dead_mask(bn.weight, bn.bias, t)),
         collapsed=indices(collapsed_mask(bn.running_var, t)),
+        invalid=indices(invalid_mask(bn.weight, bn.bias, bn.running_mean, bn.running_var)),
+        lint=lint_codes(bn),
     )
+
+
+def lint_codes(bn: BNParams) -> list[str]:
+    """What is wrong with a layer's stored tensors as a whole, as stable codes."""
+    codes = []
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if not all(bool(torch.isfinite(x).all()) for x in tensors):
+        codes.append(NON_FINITE)
+    if bool((bn.running_var < 0).any()):
+        codes.append(NEGATIVE_VAR)
+    return codes
 
 
 def add_probe_signals(
     layer: LayerScan, bn: BNParams, stats: ChannelStats, eps: float, t: Thresholds
 ) -> None:
+    if stats.non_finite:
+        # NaN compares false, so NaN outputs would read as "never positive": dead. They say
+        # nothing about this layer's channels (an earlier layer's NaN reaches every later one).
+        layer.unjudged = NON_FINITE_OUTPUT
+        return
     layer.dead = indices(stats.dead_sample_fraction >= t.dead_fraction)
     layer.active_fraction = [round(v, 6) for v in stats.active_fraction.tolist()]
     layer.dead_sample_fraction = [round(v, 6) for v in stats.dead_sample_fraction.tolist()]
@@ -154,10 +204,20 @@ def scan_probe(
     for layer, bn in zip(report.layers, bns, strict=True):
         if layer.name in stats and layer.name in modules:
             add_probe_signals(layer, bn, stats[layer.name], bn_eps(modules[layer.name]), t)
-    unprobed = [layer.name for layer in report.layers if layer.dead is None]
-    if unprobed:
+    for layer in report.layers:
+        if layer.dead is None and layer.unjudged is None:
+            layer.unjudged = UNREACHED
+    unreached = [layer.name for layer in report.layers if layer.unjudged == UNREACHED]
+    if unreached:
         report.notes.append(
-            f"{len(unprobed)} BN layers were not reached by the probe (e.g. {unprobed[0]})"
+            f"{len(unreached)} BN layers were not reached by the probe (e.g. {unreached[0]}); "
+            "capacity is measured over the layers it reached"
+        )
+    nan_layers = [layer.name for layer in report.layers if layer.unjudged == NON_FINITE_OUTPUT]
+    if nan_layers:
+        report.notes.append(
+            f"{len(nan_layers)} BN layers could not be judged: their outputs on the probe were "
+            f"NaN/Inf (first {nan_layers[0]}); fix the non-finite tensors first"
         )
     report.probe_samples = max((st.samples for st in stats.values()), default=0)
     return report

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.progress import track
 
 from bnfix.abri_keys import plain_view
-from bnfix.architectures import recognise, stem_in_channels
+from bnfix.architectures import is_builtin, recognise, stem_in_channels
 from bnfix.checkpoint import Checkpoint, load_checkpoint
 from bnfix.errors import BnfixError
-from bnfix.loading import model_from_state
+from bnfix.loading import architecture, model_from_state, recorded_architecture
 from bnfix.masks import Thresholds
 from bnfix.probe import AudioOptions, ImageOptions, Probe, adapt_channels, batches, load_probe
 from bnfix.scan import CheckpointScan, scan_probe, scan_static
@@ -62,25 +62,11 @@ def scan_one(
     if probe is None:
         report = scan_static(ckpt, request.thresholds)
         report.modality = request.modality
-        # a forced --arch is checked against the keys even without a probe
-        arch = _arch(ckpt, request)
-        recognition = (
-            model_from_state(ckpt.state_dict, arch)[1]
-            if arch
-            else recognise(plain_view(ckpt.state_dict))
-        )
-        if recognition is None:
-            report.notes.append(
-                "architecture not recognised: a probe scan needs --arch "
-                "(a torchvision name, pkg.module:factory or timm:NAME)" + _select_hint(ckpt)
-            )
-        else:
-            report.architecture = recognition.name
-            report.notes.extend(recognition.notes)
+        _name_architecture(report, ckpt, request)
         if request.modality:
             report.notes.append("no --probe given: static scan only")
         return report
-    arch = _arch(ckpt, request)
+    arch = architecture(ckpt, request.arch)
     if arch is None and recognise(plain_view(ckpt.state_dict)) is None:
         hint = _select_hint(ckpt)
         if hint:  # else build_model says what it could not recognise
@@ -108,9 +94,38 @@ def scan_one(
     return report
 
 
-def _arch(ckpt: Checkpoint, request: ScanRequest) -> str | None:
-    """--arch, else the architecture bnfix recorded when it wrote the file."""
-    return request.arch or ckpt.metadata.get("architecture") or None
+def _name_architecture(report: CheckpointScan, ckpt: Checkpoint, request: ScanRequest) -> None:
+    """Say which architecture the checkpoint is, without running anyone's code.
+
+    A static scan needs no model. A torchvision name (given or recorded) is checked against
+    the keys, which builds nothing but meta tensors; a factory or timm name given with --arch
+    is only recorded (it is built when a probe runs); a factory the file's metadata names is
+    never imported.
+    """
+    recorded = recorded_architecture(ckpt)
+    arch = request.arch or (recorded if recorded and is_builtin(recorded) else None)
+    if recorded and arch is None:
+        report.notes.append(
+            f"the metadata names the factory {recorded!r}; not imported (bnfix never runs code "
+            f"a file names): pass --arch {recorded} with --probe to use it"
+        )
+    if arch and (":" in arch):
+        report.architecture = arch
+        report.notes.append(f"{arch} not built: a static scan needs no model")
+        return
+    recognition = (
+        model_from_state(ckpt.state_dict, arch)[1]
+        if arch
+        else recognise(plain_view(ckpt.state_dict))
+    )
+    if recognition is None:
+        report.notes.append(
+            "architecture not recognised: a probe scan needs --arch "
+            "(a torchvision name, pkg.module:factory or timm:NAME)" + _select_hint(ckpt)
+        )
+    else:
+        report.architecture = recognition.name
+        report.notes.extend(recognition.notes)
 
 
 def sub_models(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
