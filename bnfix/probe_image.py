@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 
 
 @dataclass(frozen=True)
@@ -41,21 +41,100 @@ class ImageOptions:
             raise BnfixError(f"image std values must be positive (got {self.std})")
 
 
-def read_image(path: Path, opts: ImageOptions) -> torch.Tensor:
-    """Decode ``path`` as RGB and transform it to ``[3, size, size]``.
+class ImageDecodeError(BnfixError):
+    """An image file that cannot be decoded; ``reason`` is the bare one-line cause."""
 
-    ``convert("RGB")`` makes greyscale, palette, RGBA (alpha dropped) and CMYK files look like
-    the 3-channel images an RGB stem expects; it also forces the lazy decoder to read the whole
-    file, so a truncated file fails here rather than later.
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"cannot decode image: {reason}")
+
+
+#: Pillow modes whose pixels are 16-bit unsigned integers.
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+#: Pillow decodes 16-bit colour PNGs to 8 bits by keeping the high byte (a truncation, not a
+#: rounding); these raw modes mark such files, which are decoded again at full depth.
+_PNG16_COLOUR_RAWMODES = ("RGB;16B", "RGBA;16B", "LA;16B")
+
+
+def decode_rgb(path: Path) -> torch.Tensor:
+    """The image in ``path`` as RGB uint8 ``[3, H, W]``: the one decoder of probes and frames.
+
+    8-bit images go through Pillow's ``convert("RGB")`` (greyscale, palette, RGBA with the alpha
+    dropped, CMYK...). Deeper images are scaled to 8 bits by their bit depth, not clipped:
+
+    - 16-bit (greyscale ``I;16``, or RGB/RGBA/grey+alpha PNGs): ``v → round(v / 257)``;
+    - 32-bit integer (``I``): ``v → round(v · 255 / (2³¹ − 1))``, negatives clipped to 0 (a
+      mode ``I`` image read from 16-bit data is scaled as 16-bit);
+    - float (``F``): values in [0, 1] (the float-image convention) are scaled by 255; an image
+      with larger values is taken on Pillow's 0–255 scale and clipped. NaN or ±inf is refused.
+
+    Decoding the whole file here (not lazily) makes a truncated file fail here, not later.
+    Raises :class:`ImageDecodeError` (no path: callers name the file their way).
     """
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            rawmode = _rawmode(im)
+            im.load()
+            if im.mode in ("I", "F") or im.mode in _UINT16_MODES:
+                rgb = _deep_to_uint8(im, rawmode)
+            elif rawmode in _PNG16_COLOUR_RAWMODES and (full := _png16(path)) is not None:
+                rgb = full
+            else:
+                rgb = np.array(im.convert("RGB"), dtype=np.uint8)
+    except ImageDecodeError:
+        raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on bad input
-        text = (str(e) or type(e).__name__).strip().splitlines()[0]
-        raise BnfixError(f"cannot decode image: {text}") from e
-    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
-    return image_features(pixels, opts)
+        raise ImageDecodeError(one_line(e)) from e
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+
+
+def _rawmode(im: Image.Image) -> str:
+    """How the file stores its pixels (``"I;16B"``, ``"RGB;16B"``...), or "" when unknown."""
+    try:
+        args = im.tile[0].args if im.tile else None
+    except (AttributeError, IndexError, TypeError):
+        return ""
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else ""
+
+
+def _deep_to_uint8(im: Image.Image, rawmode: str) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float greyscale image as ``[H, W]`` uint8, by bit depth."""
+    if im.mode in _UINT16_MODES or (im.mode == "I" and ";16" in rawmode):
+        v = np.asarray(im).astype(np.uint32)
+        return ((v + 128) // 257).astype(np.uint8)  # round(v / 257): 65535 → 255, 257 → 1
+    if im.mode == "I":
+        v = np.asarray(im).astype(np.float64).clip(0, None)
+        return np.rint(v * (255 / (2**31 - 1))).clip(0, 255).astype(np.uint8)
+    v = np.asarray(im).astype(np.float64)  # mode F
+    if not np.isfinite(v).all():
+        raise ImageDecodeError("float image holds NaN or infinite values")
+    top = float(v.max()) if v.size else 0.0
+    scale = 255.0 if top <= 1.0 else 1.0
+    return np.rint(v * scale).clip(0, 255).astype(np.uint8)
+
+
+def _png16(path: Path) -> np.ndarray | None:
+    """A 16-bit colour PNG at full depth, scaled to ``[H, W, 3]`` uint8; None if unavailable."""
+    try:
+        from torchvision.io import ImageReadMode, decode_png, read_file
+
+        v = decode_png(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
+    except Exception:  # no libpng in this torchvision build: Pillow's 8-bit reading stands
+        return None
+    if v.dtype != torch.uint16 or v.shape[0] not in (1, 2, 3, 4):
+        return None
+    colour = v[:3] if v.shape[0] >= 3 else v[:1].expand(3, -1, -1)  # alpha dropped
+    scaled = (colour.to(torch.int32) + 128) // 257
+    return scaled.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def read_image(path: Path, opts: ImageOptions) -> torch.Tensor:
+    """Decode ``path`` as RGB (:func:`decode_rgb`) and transform it to ``[3, size, size]``."""
+    return image_features(decode_rgb(path), opts)
 
 
 def image_features(image: torch.Tensor, opts: ImageOptions) -> torch.Tensor:

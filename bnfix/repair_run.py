@@ -7,6 +7,8 @@ verified, and only then is the output written (atomically). A failure leaves no 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from rich.progress import track
 
 from bnfix import __version__
 from bnfix.abri import PER_CHOICES, Per, abri_blocks, check_alpha, fold
-from bnfix.abri_keys import is_abri
+from bnfix.abri_keys import ADDITIONAL, ALPHA, ORIGINAL, is_abri
 from bnfix.architectures import build_model, stem_in_channels
 from bnfix.checkpoint import (
     Checkpoint,
@@ -25,7 +27,7 @@ from bnfix.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 from bnfix.loading import model_from_state
 from bnfix.masks import Thresholds
 from bnfix.probe import AudioOptions, ImageOptions, Probe, batches, load_probe
@@ -102,6 +104,9 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
     state = {k: v.clone() for k, v in ckpt.state_dict.items()}  # the model trains in place
     model, recognition = build_model(state, r.arch)
     stem = adapt_stem(model, MODALITY_CHANNELS[r.modality])
+    # The probe runs in float32 (scan_probe casts the model); what is written keeps the
+    # checkpoint's own precision, tensor by tensor.
+    source_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     probe = _read_probe(r, console)
     if probe is not None:
         _check_probe_shape(probe, r)
@@ -132,7 +137,9 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
         model.to(r.device)
         recalibrated = recalibrate(model, batches(probe.tensor, r.batch_size), r.device)
     model.to("cpu").eval()
+    _restore_dtypes(model, source_dtypes, r.checkpoint)
     repaired = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    precision = _float_dtypes(repaired)
     metadata = {
         "bnfix_version": __version__,
         "bnfix_command": "repair",
@@ -147,10 +154,15 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
         "modality": r.modality,
         "recalibrated": f"yes ({recalibrated} probe batches)" if recalibrated else "no",
         "probe": str(r.probe) if r.probe else "",
+        "dtype": precision,
     }
     after_ckpt = Checkpoint(out, repaired, "", "safetensors", [], metadata)
-    after = measure(model, after_ckpt, "after")
+    # The probe scan casts its model to float32 in place; ``model`` is returned as written.
+    half = probe is not None and precision != "float32"
+    after = measure(copy.deepcopy(model) if half else model, after_ckpt, "after")
     after.notes = [_describe(outcome)] + ([f"stem {stem}"] if stem else [])
+    if half:
+        after.notes.append(f"probe run in float32; written as {precision}, the checkpoint's own")
     if recalibrated:
         after.notes.append(f"running statistics recalibrated on {recalibrated} probe batches")
     save_checkpoint(repaired, out, metadata, force=r.force, inputs=inputs)
@@ -164,6 +176,55 @@ def _describe(outcome: RepairOutcome) -> str:
     if outcome.strategy == "reset-dead":
         return f"reset γ=1, β=0 on {outcome.channels} flagged channels in {outcome.layers} layers"
     return f"reset all {outcome.layers} BN layers ({outcome.channels} channels) to defaults"
+
+
+def _source_key(key: str) -> str:
+    """The key of a repaired tensor before repair: an ABRi block's tensors come from its BN."""
+    parts = key.split(".")
+    if len(parts) >= 3 and parts[-2] in (ORIGINAL, ADDITIONAL):
+        return ".".join(parts[:-2] + parts[-1:])
+    if len(parts) >= 2 and parts[-1] == ALPHA:
+        return ".".join([*parts[:-1], "weight"])
+    return key
+
+
+def _restore_dtypes(
+    model: torch.nn.Module, dtypes: dict[str, torch.dtype], source: Path | None = None
+) -> None:
+    """Cast every floating tensor of ``model`` back to the dtype its source tensor had.
+
+    Float16/bfloat16 → float32 → back is exact, so untouched tensors stay bit-exact; new ones
+    (an ABRi twin, α, recalibrated statistics) take their BN's precision. A value the source
+    precision cannot hold (a recalibrated variance beyond float16's range) is refused.
+    """
+    for module_name, module in model.named_modules():
+        for kind in ("_parameters", "_buffers"):
+            for leaf, tensor in getattr(module, kind).items():
+                if tensor is None or not tensor.is_floating_point():
+                    continue
+                key = f"{module_name}.{leaf}" if module_name else leaf
+                dtype = dtypes.get(key, dtypes.get(_source_key(key)))
+                if dtype is None or not dtype.is_floating_point or dtype == tensor.dtype:
+                    continue
+                with torch.no_grad():
+                    cast = tensor.detach().to(dtype)
+                    top = float(tensor.detach().abs().amax()) if tensor.numel() else 0.0
+                if torch.finfo(dtype).max < top < math.inf:  # finite here, inf when written
+                    name = str(dtype).removeprefix("torch.")
+                    raise BnfixError(
+                        f"{key} holds values ({top:.3g}) beyond the range of {name}, the "
+                        "checkpoint's precision; not written (repair a float32 copy to keep them)",
+                        source,
+                    )
+                if kind == "_parameters":
+                    tensor.data = cast
+                else:
+                    module._buffers[leaf] = cast
+
+
+def _float_dtypes(state: dict[str, torch.Tensor]) -> str:
+    names = {str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()}
+    return ", ".join(sorted(names)) or "none"
 
 
 def _read_probe(r: RepairRequest, console: Console) -> Probe | None:
@@ -198,10 +259,39 @@ class FoldResult:
     architecture: str
     metadata: dict[str, str]
     model: torch.nn.Module  # the folded model, as written (CPU, eval mode)
+    check: FoldCheck | None = None  # how the fold was verified
+
+    @property
+    def verification(self) -> str:
+        """One line saying how the fold was checked (for the CLI and the demo)."""
+        return "" if self.check is None else self.check.describe()
+
+
+@dataclass
+class FoldCheck:
+    """The fold's self-check: both models in eval mode on the same random inputs, in float32."""
+
+    deviation: float  # the fold maths: float32 copies of the ABRi model and of its fold
+    written_deviation: float  # the folded model as written (its own dtype), run in float32
+    shape: tuple[int, ...]  # the random input that was used
+    dtype: str  # the written model's floating dtype(s)
+
+    def describe(self) -> str:
+        shape = "×".join(map(str, self.shape))
+        text = f"verified in eval mode, in float32, on random {shape} inputs"
+        if self.dtype != "float32":
+            text += (
+                f"; written as {self.dtype}, whose rounding moves the outputs by "
+                f"{self.written_deviation:.2e} of the output scale"
+            )
+        return text
 
 
 #: A fold is exact up to float32 rounding; anything above this means something is wrong.
 FOLD_TOLERANCE = 1e-5
+#: Square input sizes the fold's self-check tries, smallest first: the first one the model
+#: runs on is used (64 suits most CNNs; Inception-v3 needs at least 75).
+VERIFY_SIZES: tuple[int, ...] = (64, 96, 128, 224, 299)
 
 
 def run_fold(
@@ -212,9 +302,16 @@ def run_fold(
     arch: str | None = None,
     select: str | None = None,
     samples: int = 4,
-    size: int = 64,
+    sizes: Sequence[int] = VERIFY_SIZES,
     seed: int = 0,
 ) -> FoldResult:
+    """Fold ``checkpoint``'s ABRi blocks into plain BatchNorm and write ``out``.
+
+    The folded checkpoint keeps the checkpoint's own dtype (float16 in, float16 out). The fold
+    is verified in float32 on float32 copies of both models, against :data:`FOLD_TOLERANCE`;
+    what rounding the folded weights to a half-precision dtype costs is measured too and
+    recorded (``fold_written_deviation``), not held against the fold.
+    """
     checkpoint, out = Path(checkpoint), Path(out)
     check_writable(out, force, (checkpoint,))
     ckpt = load_checkpoint(checkpoint, select)
@@ -228,12 +325,15 @@ def run_fold(
         ckpt.state_dict, arch or ckpt.metadata.get("architecture")
     )
     model.eval()
-    folded = fold(copy.deepcopy(model))
-    deviation = verify_fold(model, folded, stem_in_channels(model), samples, size, seed)
-    if not deviation <= FOLD_TOLERANCE:
+    folded = fold(_shared_copy(model))  # in the checkpoint's own dtype: what is written
+    try:
+        check = verify_fold(model, folded, stem_in_channels(model), samples, sizes, seed)
+    except BnfixError as exc:
+        raise BnfixError(f"{exc}; not written", checkpoint) from None
+    if not check.deviation <= FOLD_TOLERANCE:
         raise BnfixError(
-            f"folded model deviates by {deviation:.2e} of the output scale (> {FOLD_TOLERANCE:g}); "
-            "not written",
+            f"folded model deviates by {check.deviation:.2e} of the output scale "
+            f"(> {FOLD_TOLERANCE:g}); not written",
             checkpoint,
         )
     metadata = dict(ckpt.metadata)
@@ -245,13 +345,18 @@ def run_fold(
             "folded_from_sha256": ckpt.sha256,
             "architecture": recognition.name,
             "in_channels": str(stem_in_channels(model)),
-            "fold_max_deviation": f"{deviation:.3e}",
+            "fold_max_deviation": f"{check.deviation:.3e}",
+            "fold_verified": check.describe(),
+            "fold_written_deviation": f"{check.written_deviation:.3e}",
+            "dtype": check.dtype,
         }
     )
     state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
     save_checkpoint(state, out, metadata, force=force, inputs=(checkpoint,))
     blocks = len(abri_blocks(model))
-    return FoldResult(out, blocks, deviation, recognition.name, metadata, folded)
+    return FoldResult(
+        out, blocks, check.deviation, recognition.name, metadata, folded.eval(), check
+    )
 
 
 def verify_fold(
@@ -259,13 +364,92 @@ def verify_fold(
     folded: torch.nn.Module,
     in_channels: int,
     samples: int = 4,
-    size: int = 64,
+    sizes: Sequence[int] = VERIFY_SIZES,
     seed: int = 0,
-) -> float:
-    """Max |Δ| between the two models' eval outputs on fresh random inputs, at output scale."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, in_channels, size, size, generator=g)
+) -> FoldCheck:
+    """Compare the two models' eval outputs on random inputs, max |Δ| at output scale.
+
+    Runs in float32 on float32 copies (neither argument is changed), at the first of ``sizes``
+    the model accepts. Outputs may be tensors or tuples, lists, named tuples and dicts of them
+    (GoogLeNet/Inception with auxiliary heads, multi-head models): every tensor is compared.
+    """
+    dtype = _float_dtypes(folded.state_dict())
+    if dtype == "float32" and _float_dtypes(model.state_dict()) == "float32":
+        reference, written = _shared_copy(model), _shared_copy(folded)  # no tensor copied
+    else:
+        reference, written = copy.deepcopy(model).float(), copy.deepcopy(folded).float()
+    reference.eval()
+    written.eval()
+    x, want = _first_run(reference, in_channels, samples, sizes, seed)
     with torch.inference_mode():
-        want, got = model(x), folded(x)
-    scale = float(want.abs().max()) or 1.0
-    return float((got - want).abs().max()) / scale
+        written_deviation = _deviation(want, written(x))
+        if dtype == "float32":
+            deviation = written_deviation  # the written model is the float32 fold
+        else:  # the fold maths alone: fold the float32 copy, as a float32 checkpoint would be
+            deviation = _deviation(want, fold(_shared_copy(reference))(x))
+    return FoldCheck(deviation, written_deviation, tuple(x.shape), dtype)
+
+
+def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``.
+
+    Enough wherever modules are replaced or switched to eval, not tensors written: ``fold``
+    builds new BatchNorms and only reads the blocks' tensors. Copying a large model's tensors
+    costs seconds; this costs the module objects only.
+    """
+    memo: dict[int, object] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    return copy.deepcopy(model, memo)
+
+
+def _first_run(
+    model: torch.nn.Module, in_channels: int, samples: int, sizes: Sequence[int], seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first random input ``[samples, in_channels, S, S]`` the model runs on, and its output."""
+    failure = ""
+    for size in sizes:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(samples, in_channels, size, size, generator=g)
+        try:
+            with torch.inference_mode():
+                out = model(x)
+        except Exception as exc:  # too small for its pooling, a fixed input size, ...
+            failure = one_line(exc, 160)
+            continue
+        tensors = _output_tensors(out)
+        if not tensors:
+            raise BnfixError(
+                f"cannot verify the fold: the model's output ({type(out).__name__}) holds no "
+                "floating-point tensor"
+            )
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise BnfixError(
+                "cannot verify the fold: the model's outputs on random inputs are not finite "
+                "(NaN or infinite weights?)"
+            )
+        return x, tensors
+    tried = ", ".join(map(str, sizes))
+    raise BnfixError(
+        f"cannot verify the fold: the model runs on no random [{samples}, {in_channels}, S, S] "
+        f"input with S in {tried} (at S={sizes[-1] if sizes else '?'}: {failure or 'no size'})"
+    )
+
+
+def _output_tensors(out: object) -> list[torch.Tensor]:
+    """The floating-point tensors in a model's output, in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
+def _deviation(want: list[torch.Tensor], got_out: object) -> float:
+    got = _output_tensors(got_out)
+    if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want, strict=True)):
+        return float("inf")  # a different output structure cannot be the same model
+    scale = max(float(w.abs().max()) if w.numel() else 0.0 for w in want) or 1.0
+    diffs = [float((g - w).abs().max()) for g, w in zip(got, want, strict=True) if w.numel()]
+    return max(diffs, default=0.0) / scale
