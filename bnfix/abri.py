@@ -103,12 +103,12 @@ class ABRiBatchNorm2d(nn.Module):
         ``(μ_pre, v_pre)`` with ``γ = lerp(k_new·√(v_pre+ε), γ_pre, α)`` and
         ``β = lerp(β_new + (μ_pre − μ_new)·k_new, β_pre, α)``. Differentiable in α, γ and β.
 
-        Computed afresh on every eval forward (7 ops of C elements; the foreach ones are one
-        kernel each on a GPU). There is deliberately no cache: writes through ``p.data`` (EMA /
-        mean-teacher updates) and ``p.data = ...`` (``vector_to_parameters``, ``module.to``)
-        change neither a tensor's identity nor its version counter, so no cheap key can tell
-        that cached values are still those of the weights. Recomputing measured ≈1% of a
-        ResNet-18 eval forward on CPU at batch 8 (README, ``benchmarks/abri_step.py``).
+        Computed afresh on every eval forward (7 ops of C elements). There is deliberately no
+        cache: writes through ``p.data`` (EMA / mean-teacher updates) and ``p.data = ...``
+        (``vector_to_parameters``, ``module.to``) change neither a tensor's identity nor its
+        version counter, so no cheap key can tell that cached values are still those of the
+        weights. Recomputing measured 0.3% of a ResNet-18 eval forward on CPU at batch 8 and 3%
+        at batch 1 (README, ``benchmarks/abri_step.py``).
         """
         pre, new = self.original, self.additional
         variances = torch._foreach_add([pre.running_var, new.running_var], pre.eps)
