@@ -158,7 +158,10 @@ def test_run_folder_holds_config_checkpoints_and_stock_layout_exports(reference:
     out = reference / "out"
     saved = (out / "config.toml").read_text()
     assert "seed 0" in saved and "torch " in saved and "torchvision " in saved
-    assert load_config(out / "config.toml") == load_config(reference / "fusion.toml")
+    # The resolved config: the file's values plus the audio normalisation computed from train.
+    norm = json.loads((out / "summary.json").read_text())["audio_normalisation"]
+    stats = [f"data.audio.mean={norm['mean']!r}", f"data.audio.std={norm['std']!r}"]
+    assert load_config(out / "config.toml") == load_config(reference / "fusion.toml", stats)
     for phase in ("stage1/audio", "stage1/visual", "stage2", "stage2-none"):
         assert (out / phase / "last.pt").is_file() and (out / phase / "best.safetensors").is_file()
     # A stage-1 best checkpoint is a plain checkpoint of the architecture with 4 outputs.
@@ -176,7 +179,11 @@ def test_run_folder_holds_config_checkpoints_and_stock_layout_exports(reference:
 @pytest.mark.parametrize(
     ("options", "overrides", "expected"),
     [
-        ({}, [], "run.out_dir is not empty (config.toml, metrics.jsonl, stage1, …): pass --resume"),
+        (
+            {},
+            [],
+            "run.out_dir is not empty (classes.json, config.toml, metrics.jsonl, …): pass --resume",
+        ),
         ({"stage": "2"}, [], "stage2 already exists: pass --resume to continue it or --force"),
         ({"resume": True}, ["stage2.lr=0.5"], "config differs from the earlier run's (stage2.lr)"),
         ({"resume": True, "force": True}, [], "--resume and --force contradict each other"),

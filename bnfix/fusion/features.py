@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import rich.console
 import torch
 from rich.markup import escape
@@ -83,6 +82,10 @@ class FeatureSet:
     classes: list[str]
     computed: int = 0  # cache entries (sample x modality) computed by this call
     cached: int = 0  # cache entries read back from the cache
+    #: The audio normalisation ``(x - mean) / (2 std)`` applied (given, or from the train split):
+    #: the inputs an exported audio encoder expects. None without audio.
+    audio_mean: float | None = None
+    audio_std: float | None = None
 
     def indices(self, split: str) -> torch.Tensor:
         """Positions of one split's samples, int64 (empty for a split the data lacks)."""
@@ -138,13 +141,14 @@ def load_features(
             f" were skipped{first}; fix or remove the unreadable files",
             manifest.path,
         )
+    stacked, mean, std = None, None, None
+    if "audio" in wanted:
+        stacked, mean, std = _stack_audio(kept, [results["audio"][i] for i in keep], audio)
     return FeatureSet(
         ids=[s.id for s in kept],
         labels=torch.tensor([s.label for s in kept], dtype=torch.int64),
         splits=[s.split for s in kept],
-        audio=_stack_audio(kept, [results["audio"][i] for i in keep], audio)
-        if "audio" in wanted
-        else None,
+        audio=stacked,
         visual=_stack_visual([results["visual"][i] for i in keep], visual)
         if "visual" in wanted
         else None,
@@ -152,6 +156,8 @@ def load_features(
         classes=list(manifest.classes),
         computed=computed,
         cached=cached,
+        audio_mean=mean,
+        audio_std=std,
     )
 
 
@@ -338,17 +344,17 @@ def decode_frame(path: Path, side: int) -> torch.Tensor:
     :mod:`bnfix.probe_image`, stopped before the float conversion so the cache stays uint8.
     """
     import torchvision.transforms.v2.functional as TF
-    from PIL import Image
+
+    from bnfix.probe_image import ImageDecodeError, decode_rgb
 
     try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on bad input
+        pixels = decode_rgb(path)  # the probes' decoder: 16-bit and float images scaled to 8 bits
+    except ImageDecodeError as e:
         hint = ""
         if path.suffix.lower() in VIDEO_EXTENSIONS:
             hint = "; 'frames' must be a folder of extracted frames or one image, not a video"
-        raise BnfixError(f"cannot decode image {path.name}: {one_line(e, 100)}{hint}") from e
-    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+        reason = e.reason if len(e.reason) <= 100 else e.reason[:100] + "…"
+        raise BnfixError(f"cannot decode image {path.name}: {reason}{hint}") from e
     resized = TF.resize(pixels, [side], antialias=True)
     return TF.center_crop(resized, [side, side]).contiguous()
 
@@ -476,8 +482,11 @@ def _report_skipped(
         console.print(f"  ... and {len(skipped) - SHOW_SKIPPED} more")
 
 
-def _stack_audio(kept: list[Sample], results: list[_Result], opts: AudioOptions) -> torch.Tensor:
-    """``[N, 1, target_frames, mel_bins]``, ``(x - mean) / (2 std)`` as in probe_audio.normalise.
+def _stack_audio(
+    kept: list[Sample], results: list[_Result], opts: AudioOptions
+) -> tuple[torch.Tensor, float, float]:
+    """``[N, 1, target_frames, mel_bins]``, ``(x - mean) / (2 std)`` as in probe_audio.normalise,
+    and the mean and std used (a run records them: an exported encoder needs the same inputs).
 
     Missing statistics come from the real (unpadded) frames of the training samples only:
     validation and test data must not leak into the input normalisation. Padded rows hold the
@@ -493,7 +502,7 @@ def _stack_audio(kept: list[Sample], results: list[_Result], opts: AudioOptions)
     for i, r in enumerate(results):
         assert r.tensor is not None
         out[i, 0, : r.frames] = (r.tensor - mean) / (2.0 * std)
-    return out
+    return out, float(mean), float(std)
 
 
 def _stats(fbanks: Iterable[torch.Tensor]) -> tuple[float, float]:

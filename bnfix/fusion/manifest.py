@@ -2,8 +2,9 @@
 
 Columns ``id,audio,frames,label,split`` (extra columns are ignored). Paths are relative to the
 manifest's folder or absolute; ``frames`` is a folder of video frames or one image. Labels are
-class names or integers. A manifest that lacks the ``audio`` or the ``frames`` column, or leaves
-it empty on every row, is a one-modality manifest.
+class names or integers, mapped to dense indices 0..K-1 in sorted order (integers by value). A
+manifest that lacks the ``audio`` or the ``frames`` column, or leaves it empty on every row, is
+a one-modality manifest.
 
 Everything wrong with the *manifest itself* (a missing file, a missing column, an unknown split,
 a duplicate id, ...) is a :class:`~bnfix.errors.BnfixError` whose one line names the row and the
@@ -28,7 +29,7 @@ SPLITS = ("train", "val", "test")
 #: Modality name -> the manifest column holding its path, in the order modalities are listed.
 MODALITY_COLUMNS = {"audio": "audio", "visual": "frames"}
 REQUIRED_COLUMNS = ("id", "label", "split")
-_INTEGER = re.compile(r"[0-9]+")
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Sample:
 class Manifest:
     path: Path
     samples: list[Sample]
-    classes: list[str]  # sorted names, or str(i) for integer labels (index i is label i)
+    classes: list[str]  # labels in index order: sorted names, or integers sorted by value
     modalities: tuple[str, ...]  # subset of ("audio", "visual"), in this order
 
     def split(self, name: str) -> list[Sample]:
@@ -103,7 +104,7 @@ def read_manifest(path: Path) -> Manifest:
             "needed",
             path,
         )
-    classes, index = _classes(rows)
+    classes, index = _classes(rows, path)
     samples = [
         Sample(
             id=r.id,
@@ -249,16 +250,27 @@ def _check_unique_ids(rows: list[_Row], path: Path) -> None:
         first[r.id] = r
 
 
-def _classes(rows: list[_Row]) -> tuple[list[str], dict[str, int]]:
-    """Class names and the label -> index map.
+def _classes(rows: list[_Row], path: Path) -> tuple[list[str], dict[str, int]]:
+    """Class names and the label -> index map: dense indices 0..K-1, whatever the labels.
 
-    Integer labels keep their own numbering (label 7 is class 7, classes ``"0".."max"``), so a
-    dataset's published class indices survive; names are sorted, so the same set of names
-    gives the same indices whatever the row order.
+    Integer labels are sorted by value (``0, 5, 1000000`` are classes 0, 1, 2: a label's size
+    never sets the size of the classifier); names are sorted, so the same set of labels gives
+    the same indices whatever the row order. Two spellings of one integer (``1`` and ``01``)
+    are an error rather than one class or two: either guess could be wrong.
     """
     labels = {r.label for r in rows}
-    if all(_INTEGER.fullmatch(label) for label in labels):
-        top = max(int(label) for label in labels)
-        return [str(i) for i in range(top + 1)], {label: int(label) for label in labels}
-    classes = sorted(labels)
-    return classes, {name: i for i, name in enumerate(classes)}
+    if not all(_INTEGER.fullmatch(label) for label in labels):
+        classes = sorted(labels)
+        return classes, {name: i for i, name in enumerate(classes)}
+    spelled: dict[int, str] = {}
+    for r in rows:
+        first = spelled.setdefault(int(r.label), r.label)
+        if first != r.label:
+            row = next(x for x in rows if x.label == first)
+            raise BnfixError(
+                f"{_where(r, column='label')}: label {r.label!r} is the integer {int(r.label)}, "
+                f"like label {first!r} on row {row.number}; write each class one way",
+                path,
+            )
+    classes = [spelled[value] for value in sorted(spelled)]
+    return classes, {label: i for i, label in enumerate(classes)}

@@ -18,7 +18,7 @@ import torch
 
 from bnfix.errors import BnfixError
 
-__all__ = ["AUDIO_PATCH", "RULES", "VISUAL_PATCH", "mask_patches", "mask_ratios"]
+__all__ = ["AUDIO_PATCH", "RULES", "VISUAL_PATCH", "mask_patches", "mask_ratios", "patch_counts"]
 
 RULES = ("adaptive", "mean", "none", "reference")
 #: Spectrogram patches: 32 frames x 8 mel bins (the official code's).
@@ -181,6 +181,12 @@ def _uniform(
 ) -> torch.Tensor:
     where = device if generator is None else generator.device
     return torch.rand(shape, device=where, generator=generator).to(device, non_blocking=True)
+
+
+def patch_counts(ratios: torch.Tensor, n_patches: int) -> torch.Tensor:
+    """Patches :func:`mask_patches` zeroes per sample (and frame) for these ratios, on the CPU:
+    ``floor(N * r)``, computed exactly as the masks are (statistics must match what happens)."""
+    return _patch_counts(torch.as_tensor(ratios).cpu(), n_patches, torch.device("cpu"))
 
 
 def _patch_counts(ratios: torch.Tensor, n_patches: int, device: torch.device) -> torch.Tensor:

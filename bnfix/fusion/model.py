@@ -35,6 +35,7 @@ __all__ = [
     "export_stage2",
     "load_pretrained",
     "load_stage1_encoder",
+    "to_float32",
 ]
 
 CHANNELS = {"audio": 1, "visual": 3}
@@ -45,18 +46,35 @@ DEFAULT_ARCH = "resnet18"
 # Building a backbone
 
 
-def load_pretrained(path: Path, arch: str | None) -> nn.Module:
-    """Rebuild a model, plain or ABRi-repaired, from a checkpoint (``arch`` None: recognise)."""
+def load_pretrained(path: Path, arch: str | None, option: str = "--arch") -> nn.Module:
+    """Rebuild a model, plain or ABRi-repaired, from a checkpoint (``arch`` None: recognise).
+
+    ``option`` is the config key the architecture comes from, so that errors name it.
+    """
     from bnfix import load
 
-    return load(path, arch=arch)
+    return load(path, arch=arch, option=option)
 
 
-def _create(arch: str) -> nn.Module:
+def _create(arch: str, option: str = "--arch") -> nn.Module:
     """A randomly initialised model of the named architecture (never downloads weights)."""
     from bnfix.architectures import create_model
 
-    return create_model(arch)
+    return create_model(arch, option=option)
+
+
+def to_float32(model: nn.Module) -> str | None:
+    """Convert floating-point weights stored in another precision to float32, with a note.
+
+    fp16/bf16 checkpoints are common (they halve the download); training them as stored would
+    fail on float32 inputs, and float32 master weights are what SGD needs anyway.
+    """
+    dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+    other = sorted(str(d).removeprefix("torch.") for d in dtypes if d != torch.float32)
+    if not other:
+        return None
+    model.to(torch.float32)
+    return f"weights stored as {'/'.join(other)}, converted to float32 for training"
 
 
 def _classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -190,15 +208,19 @@ def build_encoder(
     ``input_shape`` is one sample as the backbone sees it ([C, H, W]); it is run once to find
     the feature size, so a model that cannot take the configured input fails here, clearly.
     """
-    label = f"model.{modality}_arch {arch}"
+    option = f"model.{modality}_arch"
+    label = f"{option} {arch}"
     channels = CHANNELS[modality]
     notes: list[str] = []
     pretrained = init != "scratch"
     if pretrained:
-        backbone = load_pretrained(Path(init), None if arch == "auto" else arch)
+        backbone = load_pretrained(Path(init), None if arch == "auto" else arch, option)
         notes.append(f"initialised from {init}")
+        converted = to_float32(backbone)  # before the stem is adapted: sums in float32
+        if converted:
+            notes.append(converted)
     else:
-        backbone = _create(DEFAULT_ARCH if arch == "auto" else arch)
+        backbone = _create(DEFAULT_ARCH if arch == "auto" else arch, option)
     note = adapt_stem(backbone, channels, pretrained)
     if note:
         notes.append(note)

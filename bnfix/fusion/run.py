@@ -2,7 +2,9 @@
 
 Layout of ``run.out_dir``::
 
-    config.toml            the resolved config (+ versions and git state as comments)
+    config.toml            the resolved config: the values used, the audio normalisation
+                           included (+ versions and git state as comments)
+    classes.json           {"labels": {label: index}, "without_training": [labels]}
     metrics.jsonl          one JSON object per epoch and phase
     stage1/<modality>/     last.pt (full training state), best.safetensors, result.json
     stage1/confidence.json {"audio": {id: mean confidence}, "visual": {...}}
@@ -27,28 +29,40 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bnfix.checkpoint import load_checkpoint, save_checkpoint, write_atomic
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 from bnfix.fusion.config import FusionConfig, diff_configs, load_config, render_toml
 from bnfix.fusion.distributed import Dist, setup, teardown
+
+if TYPE_CHECKING:  # the data side is imported when a run starts, not with this module
+    from bnfix.fusion.features import FeatureSet
 
 __all__ = ["RunDir", "derive_seed", "fusion_tune", "plan_phases"]
 
 #: Test hook: stop the process (exit 75) after this many epochs, as a kill would.
 STOP_AFTER_ENV = "_BNFIX_FUSION_STOP_AFTER"
 STOPPED_EXIT = 75
-KNOWN_OUTPUTS = ("config.toml", "metrics.jsonl", "summary.json", "stage1", "stage2", "stage2-none")
+KNOWN_OUTPUTS = (
+    "config.toml", "classes.json", "metrics.jsonl", "summary.json", "stage1", "stage2",
+    "stage2-none",
+)  # fmt: skip
 #: Keys that may differ when a run continues: they change where and how fast it runs, not its
 #: results (on the CPU), so a run folder can be moved, or resumed with another cache or device.
 NON_RESULT_KEYS = ("run.out_dir", "data.cache_dir", "run.device", "run.workers", "run.amp")
+#: Keys that may be left unset when continuing a run: the run's recorded values are used.
+RECORDED_KEYS = ("data.audio.mean", "data.audio.std")
+#: Labels printed at the start of a run; all of them are in classes.json.
+SHOW_CLASSES = 20
 
 
 def derive_seed(*parts: object) -> int:
@@ -75,18 +89,54 @@ def _rng_state(generator: torch.Generator) -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     state["generator"] = generator.get_state()
+    state["generator_device"] = generator.device.type
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+def _set_rng_state(
+    state: Mapping[str, Any], generator: torch.Generator, device: torch.device
+) -> list[str]:
+    """Restore the saved generator states that apply here; returns what was not restored.
+
+    A run may continue on another device: the CPU states always apply, the CUDA states only
+    on CUDA with as many devices, the augmentation/mask generator's only on its own kind of
+    device (a CUDA generator's state is 16 bytes, a CPU one's 5056). Skipping one changes no
+    result: every epoch reseeds all of them from (seed, phase, epoch, rank), and a checkpoint
+    is taken between epochs.
+    """
     random.setstate(_as_tuple(state["python"]))
     keys = state["numpy_keys"].numpy().astype(np.uint32)
     has_gauss, gauss = state["numpy_gauss"]
     np.random.set_state(("MT19937", keys, state["numpy_pos"], has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    generator.set_state(state["generator"])
+    skipped = []
+    cuda = state.get("cuda")
+    if cuda is not None:
+        here = torch.cuda.device_count() if device.type == "cuda" else 0
+        if here == len(cuda):
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            skipped.append(
+                f"the CUDA generators of {len(cuda)} device(s) (this run: {here} on {device.type})"
+            )
+    saved, kind = state["generator"], _generator_kind(state)
+    here_size = generator.get_state().numel()
+    if kind == generator.device.type and saved.numel() == here_size:
+        generator.set_state(saved)
+    else:
+        skipped.append(f"the augmentation/mask generator ({kind} state, this run's is on "
+                       f"{generator.device.type})")  # fmt: skip
+    return skipped
+
+
+def _generator_kind(state: Mapping[str, Any]) -> str:
+    """The device type of the saved augmentation/mask generator (older states lack the tag:
+    a CPU generator's state has the CPU size, anything else came from an accelerator)."""
+    kind = state.get("generator_device")
+    if kind is not None:
+        return str(kind)
+    cpu_size = torch.Generator().get_state().numel()
+    return "cpu" if state["generator"].numel() == cpu_size else "cuda"
 
 
 def _as_tuple(value: Any) -> Any:
@@ -156,7 +206,23 @@ class RunDir:
         write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
     def _read_metrics(self) -> list[str]:
-        return self.metrics.read_text().splitlines() if self.metrics.exists() else []
+        return metric_lines(self.metrics)[0]
+
+    def repair_metrics(self) -> None:
+        """Drop a partial last line of metrics.jsonl (a run killed while writing it), with a
+        note, so that the next line appended starts a line of its own."""
+        if not self.dist.main or not self.metrics.exists():
+            return
+        kept, partial = metric_lines(self.metrics)
+        if partial is None and self.metrics.read_bytes().endswith(b"\n"):
+            return
+        write_atomic(self.metrics, "".join(f"{line}\n" for line in kept).encode())
+        if partial is not None:
+            self.console.print(
+                f"note: metrics.jsonl ended in a partial line ({len(partial)} characters, "
+                "left by a run stopped while writing it); dropped it",
+                highlight=False,
+            )
 
     def trim_metrics(self, phase: str, keep_epochs: int) -> None:
         """Drop this phase's lines past ``keep_epochs`` (left by a run killed mid-epoch-end)."""
@@ -183,12 +249,18 @@ class RunDir:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"], self.generator)
+        skipped = _set_rng_state(saved["rng"], self.generator, self.dist.device)
         self.trim_metrics(phase, saved["loop"]["epoch"])
         if self.dist.main:
             self.console.print(
                 f"resuming {phase} after epoch {saved['loop']['epoch']}", highlight=False
             )
+            if skipped:
+                self.console.print(
+                    f"note: not restored: {'; '.join(skipped)}; each epoch reseeds every "
+                    "generator, so the results do not depend on them",
+                    highlight=False,
+                )
         return dict(saved["loop"])
 
     def end_epoch(
@@ -218,6 +290,7 @@ class RunDir:
                 "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(self.generator),
                 "loop": loop,
+                "world": self.dist.world,  # seeds and shards depend on it: resume only alike
             }
             buffer = io.BytesIO()
             torch.save(state, buffer)
@@ -321,46 +394,75 @@ def _entries(out: Path) -> list[str]:
 
 
 def check_out_dir(
-    config: FusionConfig, phases: list[str], stage: str, resume: bool, force: bool
-) -> None:
-    """Refuse to clobber or to continue the wrong run, before anything is written."""
+    config: FusionConfig,
+    phases: list[str],
+    stage: str,
+    resume: bool,
+    force: bool,
+    *,
+    world: int = 1,
+    classes: list[str] | None = None,
+) -> FusionConfig | None:
+    """Refuse to clobber or to continue the wrong run, before any feature work or file write.
+
+    Returns the config of the run being continued (``--resume``, or ``--stage 2`` on a
+    finished stage 1), whose recorded values fill the keys left unset (``RECORDED_KEYS``).
+    """
     out = config.run.out_dir
     if out.exists() and not out.is_dir():
         raise BnfixError("run.out_dir exists and is not a folder", out)
-    entries = _entries(out)
     saved = out / "config.toml"
+    if stage == "2":  # first: stage 2 has nothing to start from without a finished stage 1
+        _check_stage1_done(out)
     if resume:
         if not saved.exists():
             raise BnfixError("nothing to resume: no config.toml from an earlier run here", out)
-        _check_same_config(config, saved, ignore=NON_RESULT_KEYS)
-        return
-    if force or not entries:
-        return
-    if stage == "2":
-        stage1 = out / "stage1"
-        missing = [m for m in ("audio", "visual") if not (stage1 / m / "result.json").exists()]
-        if missing or not (out / "stage1" / "confidence.json").exists():
-            raise BnfixError(
-                f"--stage 2 needs a finished stage 1 in run.out_dir (missing: "
-                f"{', '.join(missing) or 'confidence.json'}); run --stage 1 first",
-                out,
-            )
+        previous = _check_same_config(
+            config, saved, NON_RESULT_KEYS,
+            "continue a run with the config it was started with, or pass --force to start over",
+        )  # fmt: skip
+        _check_world(out, phases, world)
+    elif stage == "2":
+        # Even with --force: stage 2 starts from this stage 1's encoders and confidences, and
+        # config.toml must go on describing the stage 1 that is in the folder.
+        previous = _check_same_config(
+            config, saved, (*NON_RESULT_KEYS, *_keys_of("stage2"), *_keys_of("mask")),
+            "stage 2 starts from the stage 1 in run.out_dir: use its stage-1 settings, or "
+            "redo stage 1 (--stage 1 --force)",
+        )  # fmt: skip
         started = [p for p in phases if (out / p).exists()]
-        if started:
+        if started and not force:
             raise BnfixError(
                 f"{started[0]} already exists: pass --resume to continue it or --force to "
                 "redo stage 2",
                 out,
             )
-        if saved.exists():
-            ignore = (*NON_RESULT_KEYS, *_keys_of("stage2"), *_keys_of("mask"))
-            _check_same_config(config, saved, ignore=ignore)
-        return
-    raise BnfixError(
-        f"run.out_dir is not empty ({', '.join(entries[:3])}{', …' if len(entries) > 3 else ''}):"
-        " pass --resume to continue the run in it, or --force to start over",
-        out,
-    )
+    else:
+        entries = _entries(out)
+        if entries and not force:
+            raise BnfixError(
+                f"run.out_dir is not empty ({', '.join(entries[:3])}"
+                f"{', …' if len(entries) > 3 else ''}): pass --resume to continue the run in "
+                "it, or --force to start over",
+                out,
+            )
+        return None  # a fresh start: --force clears what bnfix wrote here
+    if classes is not None:
+        _check_classes(out, classes)
+    metric_lines(out / "metrics.jsonl")  # kept and appended to: must not be damaged
+    return previous
+
+
+def _check_stage1_done(out: Path) -> None:
+    stage1 = out / "stage1"
+    missing = [m for m in ("audio", "visual") if not (stage1 / m / "result.json").exists()]
+    missing += [p for p in ("stage1/confidence.json", "config.toml") if not (out / p).exists()]
+    if missing:
+        raise BnfixError(
+            f"--stage 2 needs a finished stage 1 in run.out_dir (missing: {', '.join(missing)});"
+            " run --stage 1 first",
+            out,
+        )
 
 
 def _keys_of(section: str) -> tuple[str, ...]:
@@ -369,18 +471,146 @@ def _keys_of(section: str) -> tuple[str, ...]:
     return tuple(f"{section}.{k}" for k in SCHEMA[section])
 
 
-def _check_same_config(config: FusionConfig, saved: Path, ignore: tuple[str, ...]) -> None:
+def _check_same_config(
+    config: FusionConfig, saved: Path, ignore: tuple[str, ...], advice: str
+) -> FusionConfig:
+    """The earlier run's config, if ``config`` agrees with it outside ``ignore``.
+
+    A recorded key left unset now (the audio normalisation) takes the recorded value, so it
+    is not a difference.
+    """
     try:
         previous = load_config(saved)
     except BnfixError as exc:
         raise BnfixError(f"cannot read the earlier run's config: {exc}") from None
-    differ = diff_configs(config, previous, ignore=ignore)
+    unset = tuple(k for k in RECORDED_KEYS if _value(config, k) is None)
+    differ = diff_configs(config, previous, ignore=(*ignore, *unset))
     if differ:
         raise BnfixError(
-            f"the config differs from the earlier run's ({', '.join(differ[:4])}); continue a "
-            "run with the config it was started with, or pass --force to start over",
+            f"the config differs from the earlier run's ({', '.join(differ[:4])}"
+            f"{', …' if len(differ) > 4 else ''}); {advice}",
             saved,
         )
+    return previous
+
+
+def _value(config: FusionConfig, key: str) -> Any:
+    obj: Any = config
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def with_recorded(config: FusionConfig, previous: FusionConfig | None) -> FusionConfig:
+    """``config`` with the keys it leaves unset that the continued run recorded (its audio
+    normalisation: a continued run must see the inputs it was trained on, bit for bit)."""
+    if previous is None:
+        return config
+    a, before = config.data.audio, previous.data.audio
+    audio = replace(
+        a,
+        mean=before.mean if a.mean is None else a.mean,
+        std=before.std if a.std is None else a.std,
+    )
+    return replace(config, data=replace(config.data, audio=audio))
+
+
+def _procs(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
+def _check_world(out: Path, phases: list[str], world: int) -> None:
+    """Seeds include the rank and the data shards depend on the number of processes, so a run
+    resumed under another world size would silently give other results: refuse it."""
+    for phase in phases:
+        ran = _recorded_world(out, phase)
+        if ran is not None and ran != world:
+            raise BnfixError(
+                f"{phase} ran with {_procs(ran)}, this resume with {_procs(world)}: seeds and "
+                "data shards depend on the number of processes (batch_size is per process), "
+                f"so resume it with {_procs(ran)} "
+                + ("(without torchrun)" if ran == 1 else f"(torchrun --nproc-per-node {ran})"),
+                out,
+            )
+
+
+def _recorded_world(out: Path, phase: str) -> int | None:
+    """The world size a phase ran with (result.json, else last.pt); None if not recorded."""
+    folder = out / phase
+    try:
+        if (folder / "result.json").exists():
+            return json.loads((folder / "result.json").read_text()).get("world")
+        if (folder / "last.pt").exists():  # mmap: the world size without reading the weights
+            saved = torch.load(folder / "last.pt", map_location="cpu", weights_only=True, mmap=True)
+            return saved.get("world")
+    except Exception as exc:
+        raise BnfixError(f"cannot read {phase}'s saved state: {one_line(exc)}", out) from None
+    return None
+
+
+def class_table(features: FeatureSet) -> dict[str, Any]:
+    """Label -> index (dense, as the heads use them) and the labels without training rows."""
+    train = features.labels[features.indices("train")]
+    counts = torch.bincount(train, minlength=len(features.classes)).tolist()
+    return {
+        "labels": {label: i for i, label in enumerate(features.classes)},
+        "without_training": [c for c, n in zip(features.classes, counts, strict=True) if n == 0],
+    }
+
+
+def _check_classes(out: Path, classes: list[str]) -> None:
+    """A continued run's heads and confidences use the recorded label -> index map."""
+    path = out / "classes.json"
+    if not path.exists():  # a run folder from before classes were recorded
+        return
+    try:
+        recorded = list(json.loads(path.read_text())["labels"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BnfixError(f"cannot read the earlier run's classes: {one_line(exc)}", path) from None
+    if recorded != classes:
+        only = [c for c in recorded if c not in classes] + [c for c in classes if c not in recorded]
+        example = f"label {only[0]!r} in one only" if only else "the same labels, other indices"
+        raise BnfixError(
+            f"the manifest's classes differ from the earlier run's ({len(recorded)} recorded, "
+            f"{len(classes)} now; {example}); continue a run with the data it was started with",
+            path,
+        )
+
+
+def metric_lines(path: Path) -> tuple[list[str], str | None]:
+    """metrics.jsonl's records (lines), and a partial last line if a kill left one.
+
+    A write cut short can only leave the *last* line incomplete; an unreadable line anywhere
+    else means the file was damaged, and is refused rather than guessed around.
+    """
+    if not path.exists():
+        return [], None
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise BnfixError(f"cannot read: {one_line(exc)}", path) from None
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    kept = []
+    for i in filled:
+        if _is_record(lines[i]):
+            kept.append(lines[i])
+        elif i == filled[-1]:
+            return kept, lines[i]
+        else:
+            raise BnfixError(
+                f"line {i + 1} is not a metrics record, and not the last line (which a stopped "
+                "run may leave cut short): the file is damaged; repair or delete it",
+                path,
+            )
+    return kept, None
+
+
+def _is_record(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "phase" in record and "epoch" in record
 
 
 def _clear(config: FusionConfig, phases: list[str], stage: str) -> None:
@@ -394,7 +624,7 @@ def _clear(config: FusionConfig, phases: list[str], stage: str) -> None:
         elif path.exists():
             path.unlink()
     if stage == "2" and (out / "metrics.jsonl").exists():
-        lines = (out / "metrics.jsonl").read_text().splitlines()
+        lines, _ = metric_lines(out / "metrics.jsonl")
         kept = [line for line in lines if json.loads(line).get("phase") not in phases]
         write_atomic(out / "metrics.jsonl", "".join(f"{x}\n" for x in kept).encode())
 
@@ -448,7 +678,11 @@ def _run(
     console = console or Console()
     if not d.main:
         console = Console(quiet=True)
-    check_out_dir(config, phases, stage, resume, force)
+    previous = check_out_dir(
+        config, phases, stage, resume, force, world=d.world, classes=manifest.classes
+    )
+    computed = _computed_stats(config, previous)
+    config = with_recorded(config, previous)
     if d.main:  # an out_dir that cannot be made fails now, not after the features are computed
         try:
             config.run.out_dir.mkdir(parents=True, exist_ok=True)
@@ -479,15 +713,22 @@ def _run(
             features = load_features(manifest, audio, visual, config.data.cache_dir, console)
         d.barrier()
     assert features is not None
+    config = _resolved(config, features)
+    norm = normalisation(features)
+    classes = class_table(features)
     out = config.run.out_dir
+    rundir = RunDir(out, d, config.run.seed, console)
     if d.main:
         if force:
             _clear(config, phases, stage)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.toml", render_toml(config, _header(config)).encode())
+        rundir.repair_metrics()
+        header = _header(config) + _normalisation_note(norm, computed)
+        write_atomic(out / "config.toml", render_toml(config, header).encode())
+        rundir._write_json(out / "classes.json", classes)
         _describe(console, config, features, phases, d)
+        _print_classes(console, classes)
     d.barrier()
-    rundir = RunDir(out, d, config.run.seed, console)
     ctx = Context(config, features, d, console, rundir, resume=resume)
     for phase in phases:
         if phase.startswith("stage1/"):
@@ -495,13 +736,65 @@ def _run(
         else:
             rule = "none" if phase == "stage2-none" else config.mask.rule
             run_stage2(ctx, rule, phase)
-    summary = summarise(rundir, config.mask.rule)
+    summary = {"classes": classes}
+    if norm:
+        summary["audio_normalisation"] = norm
+    summary.update(summarise(rundir, config.mask.rule))
     if d.main:
         rundir._write_json(out / "summary.json", summary)
         if "compare" in summary:
             print_compare(console, summary["compare"])
         console.print(f"wrote {out}", highlight=False)
     return summary
+
+
+def _resolved(config: FusionConfig, features: FeatureSet) -> FusionConfig:
+    """The config with the values actually used: the audio mean/std the features applied."""
+    if features.audio_mean is None:
+        return config
+    audio = replace(config.data.audio, mean=features.audio_mean, std=features.audio_std)
+    return replace(config, data=replace(config.data, audio=audio))
+
+
+def normalisation(features: FeatureSet) -> dict[str, Any]:
+    """The audio normalisation the features applied (empty without audio): set in the config,
+    else computed from the training split (by this run, or by the run it continues)."""
+    if features.audio_mean is None:
+        return {}
+    return {
+        "mean": features.audio_mean,
+        "std": features.audio_std,
+        "formula": "(fbank - mean) / (2 * std)",
+    }
+
+
+NORMALISATION_NOTE = "audio inputs normalised as (fbank - mean) / (2 std)"
+
+
+def _computed_stats(config: FusionConfig, previous: FusionConfig | None) -> list[str]:
+    """Which of data.audio.mean/std come from the training split rather than a config: unset
+    now and, in a continued run, computed by the earlier run too (its config.toml says so)."""
+    unset = [k for k in ("mean", "std") if getattr(config.data.audio, k) is None]
+    if previous is None:
+        return unset
+    note = next(
+        (line for line in _saved_header(config.run.out_dir) if NORMALISATION_NOTE in line), ""
+    )
+    return [k for k in unset if getattr(previous.data.audio, k) is None or f".{k}" in note]
+
+
+def _saved_header(out: Path) -> list[str]:
+    path = out / "config.toml"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [line for line in lines if line.startswith("#")]
+
+
+def _normalisation_note(norm: dict[str, Any], computed: list[str]) -> list[str]:
+    """A config.toml comment: the audio normalisation applied, and which values were computed."""
+    if not norm:
+        return []
+    keys = " and ".join(f"data.audio.{k}" for k in computed)
+    return [NORMALISATION_NOTE + (f"; {keys} from the training split" if computed else "")]
 
 
 def _describe(
@@ -514,6 +807,23 @@ def _describe(
         f"{', '.join(phases)}; device {d.device}" + (f" x {d.world} processes" if d.active else ""),
         highlight=False,
     )
+
+
+def _print_classes(console: Console, classes: dict[str, Any]) -> None:
+    """The label -> index map (the heads' outputs), and a warning for untrainable classes."""
+    labels = list(classes["labels"].items())
+    shown = ", ".join(f"{escape(label)}→{i}" for label, i in labels[:SHOW_CLASSES])
+    more = f", … (all {len(labels)} in classes.json)" if len(labels) > SHOW_CLASSES else ""
+    console.print(f"classes (label→index): {shown}{more}", highlight=False)
+    untrained = classes["without_training"]
+    if untrained:
+        names = ", ".join(escape(c) for c in untrained[:SHOW_CLASSES])
+        console.print(
+            f"[yellow]warning:[/] {len(untrained)} class(es) with no training rows, which no "
+            f"model can learn (their val/test samples count as errors): {names}"
+            + (", …" if len(untrained) > SHOW_CLASSES else ""),
+            highlight=False,
+        )
 
 
 def summarise(rundir: RunDir, rule: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from bnfix.fusion.model import (
     load_stage1_encoder,
 )
 
-__all__ = ["Context", "run_stage1", "run_stage2"]
+__all__ = ["Context", "input_meta", "run_stage1", "run_stage2"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +339,10 @@ def run_stage1(ctx: Context, modality: str) -> dict[str, Any]:
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
     train = ctx.positions["train"]
-    state = {"epoch": 0, "best": None, "best_epoch": None, "conf_sum": None, "conf_epochs": 0}
+    state = {
+        "epoch": 0, "best": None, "best_loss": None, "best_epoch": None, "conf_sum": None,
+        "conf_epochs": 0,
+    }  # fmt: skip
     saved = rd.load_state(phase, model, optimizer, scheduler) if ctx.resume else None
     if saved is not None:
         state.update(saved)
@@ -379,15 +382,17 @@ def run_stage1(ctx: Context, modality: str) -> dict[str, Any]:
             "samples_per_s": count / seconds,
             "seconds": seconds,
         }
-        improved = _improved(val["acc"], state["best"])
+        improved = _improved(val["acc"], val["loss"], state["best"], state.get("best_loss"))
         if improved:
-            state["best"], state["best_epoch"] = val["acc"], epoch + 1
+            state["best"], state["best_loss"] = val["acc"], val["loss"]
+            state["best_epoch"] = epoch + 1
         state["epoch"] = epoch + 1
         state["conf_sum"] = conf_sum
+        meta = {"stage": "1", "modality": modality, "epoch": str(epoch + 1)}
         rd.end_epoch(
             phase, record, model, optimizer, scheduler, state,
             best=export_stage1(model) if improved else None,
-            best_meta={"stage": "1", "modality": modality, "epoch": str(epoch + 1)},
+            best_meta={**meta, **input_meta(ctx, (modality,))},
         )  # fmt: skip
         _print_epoch(ctx, record)
     # The best encoder (by validation accuracy) is what stage 2 starts from and what is tested.
@@ -401,9 +406,11 @@ def run_stage1(ctx: Context, modality: str) -> dict[str, Any]:
     mean_conf = (conf_sum[train] / max(state["conf_epochs"], 1)).tolist()
     result = {
         "val": state["best"],
+        "val_loss": state.get("best_loss"),
         "best_epoch": state["best_epoch"],
         "test": test["acc"],
         "epochs": cfg.epochs,
+        "world": ctx.dist.world,
     }
     rd.finish_stage1(phase, modality, result, dict(zip(train_ids, mean_conf, strict=True)))
     if ctx.dist.main:
@@ -415,9 +422,42 @@ def run_stage1(ctx: Context, modality: str) -> dict[str, Any]:
     return rd.result(phase)
 
 
-def _improved(acc: float | None, best: float | None) -> bool:
-    """Best by validation accuracy; without a validation split, the last epoch."""
-    return acc is None or best is None or acc > best
+def _improved(
+    acc: float | None, loss: float | None, best: float | None, best_loss: float | None
+) -> bool:
+    """Best by validation accuracy, ties broken by validation loss (lower), then the later
+    epoch; without a validation split, the last epoch.
+
+    A small validation set ties often (accuracy moves in steps of 1/n); keeping the first of
+    tied epochs would hand stage 2 an encoder trained for fewer epochs for no measured gain.
+    """
+    if acc is None or best is None or acc > best:
+        return True
+    if acc < best:
+        return False
+    return loss is None or best_loss is None or loss <= best_loss
+
+
+def input_meta(ctx: Context, modalities: tuple[str, ...]) -> dict[str, str]:
+    """What an exported encoder's inputs were (checkpoint metadata, strings): the audio front
+    end and the normalisation the run applied, so the encoder can be fed the same inputs later.
+    """
+    meta: dict[str, str] = {}
+    f = ctx.features
+    if "audio" in modalities and f.audio_mean is not None and f.audio_std is not None:
+        a = ctx.config.data.audio
+        meta.update({
+            "audio_mean": repr(f.audio_mean),
+            "audio_std": repr(f.audio_std),
+            "audio_normalisation": "(fbank - audio_mean) / (2 * audio_std)",
+            "audio_sample_rate": str(a.sample_rate),
+            "audio_mel_bins": str(a.mel_bins),
+            "audio_target_frames": str(a.target_frames),
+        })  # fmt: skip
+    if "visual" in modalities:
+        v = ctx.config.data.visual
+        meta.update({"visual_frames": str(v.frames), "visual_size": str(v.size)})
+    return meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,14 +499,30 @@ def mask_ratios(ctx: Context, rule: str) -> tuple[Tensor, Tensor, dict[str, Any]
     n = len(ctx.features.labels)
     full_a, full_v = torch.zeros(n), torch.zeros(n)
     full_a[train], full_v[train] = r_a.float(), r_v.float()
+    n_a, n_v = _grid_patches(ctx)
     stats = {
         "rule": rule,
-        "audio_masked_fraction": float((r_a > 0).float().mean()),
-        "visual_masked_fraction": float((r_v > 0).float().mean()),
+        "audio_masked_fraction": _masked_fraction(r_a, n_a),
+        "visual_masked_fraction": _masked_fraction(r_v, n_v),
         "mean_ratio_audio": float(r_a.mean()),
         "mean_ratio_visual": float(r_v.mean()),
     }
     return full_a, full_v, stats
+
+
+def _grid_patches(ctx: Context) -> tuple[int, int]:
+    """Patches N of one audio input and of one (cropped) video frame: what ``floor(N·r)`` uses."""
+    m, a, size = ctx.config.mask, ctx.config.data.audio, ctx.config.data.visual.size
+    (ah, aw), (vh, vw) = m.audio_patch, m.visual_patch
+    return (a.target_frames // ah) * (a.mel_bins // aw), (size // vh) * (size // vw)
+
+
+def _masked_fraction(ratios: Tensor, n_patches: int) -> float:
+    """Training samples that lose at least one patch: ``floor(N·r) ≥ 1``, not merely r > 0 (a
+    ratio below 1/N masks nothing, and counting it would report masking that never happens)."""
+    if ratios.numel() == 0:
+        return 0.0
+    return float((masking.patch_counts(ratios, n_patches) > 0).double().mean())
 
 
 def _train_epoch_fusion(
@@ -540,7 +596,7 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
     model = _prepare(ctx, _build_fusion(ctx))
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = {"epoch": 0, "best": None, "best_epoch": None}
+    state = {"epoch": 0, "best": None, "best_loss": None, "best_epoch": None}
     saved = rd.load_state(phase, model, optimizer, scheduler) if ctx.resume else None
     if saved is not None:
         state.update(saved)
@@ -582,14 +638,16 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
             "samples_per_s": count / seconds,
             "seconds": seconds,
         }
-        improved = _improved(val["fused"], state["best"])
+        improved = _improved(val["fused"], val["loss"], state["best"], state.get("best_loss"))
         if improved:
-            state["best"], state["best_epoch"] = val["fused"], epoch + 1
+            state["best"], state["best_loss"] = val["fused"], val["loss"]
+            state["best_epoch"] = epoch + 1
         state["epoch"] = epoch + 1
+        meta = {"stage": "2", "rule": rule, "epoch": str(epoch + 1)}
         rd.end_epoch(
             phase, record, model, optimizer, scheduler, state,
             best=export_stage2(model) if improved else None,
-            best_meta={"stage": "2", "rule": rule, "epoch": str(epoch + 1)},
+            best_meta={**meta, **input_meta(ctx, ("audio", "visual"))},
         )  # fmt: skip
         _print_epoch(ctx, record)
     rd.barrier_after_write()
@@ -599,11 +657,13 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
     probe = {m: linear_probe(ctx, getattr(model, m), m) for m in ("audio", "visual")}
     result = {
         "val": state["best"],
+        "val_loss": state.get("best_loss"),
         "best_epoch": state["best_epoch"],
         "test": {k: test[k] for k in ("fused", "audio", "visual")},
         "probe": probe,
         "mask": mask_stats,
         "epochs": cfg.epochs,
+        "world": ctx.dist.world,
     }
     rd.finish(phase, result)
     if ctx.dist.main:
