@@ -43,6 +43,7 @@ from bnfix.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from bnfix.errors import BnfixError, one_line
 from bnfix.fusion.config import FusionConfig, diff_configs, load_config, render_toml
 from bnfix.fusion.distributed import Dist, setup, teardown
+from bnfix.jsonio import dumps
 
 if TYPE_CHECKING:  # the data side is imported when a run starts, not with this module
     from bnfix.fusion.features import FeatureSet
@@ -155,8 +156,11 @@ class RunDir:
         self.dist = dist
         self.seed = seed
         self.console = console
-        # The augmentation/mask stream; reseeded every epoch, saved and restored with the rest.
+        # The augmentation stream (crops, flips); reseeded every epoch, saved and restored with
+        # the rest. Masks and OGM-GE noise draw from streams of their own (``arm_generator``),
+        # so that stage-2 arms of one seed share every other random number.
         self.generator = torch.Generator(device=dist.device)
+        self._arm_generators: dict[str, torch.Generator] = {}
         self.epochs_run = 0
         stop = os.environ.get(STOP_AFTER_ENV, "")
         self.stop_after = int(stop) if stop.isdigit() else None
@@ -194,16 +198,32 @@ class RunDir:
         _seed_globals(derive_seed(self.seed, phase, "init"))
 
     def seed_epoch(self, phase: str, epoch: int, device: torch.device) -> torch.Generator:
-        """Seed the global generators and the augmentation/mask generator for one epoch."""
+        """Seed the global generators and the augmentation generator for one epoch."""
         _seed_globals(derive_seed(self.seed, phase, epoch, self.dist.rank))
         self.generator.manual_seed(derive_seed(self.seed, phase, epoch, self.dist.rank, "aug"))
         return self.generator
+
+    def arm_generator(
+        self, stream: str, phase: str, epoch: int, *, per_rank: bool = True
+    ) -> torch.Generator:
+        """A generator of its own for one epoch of one random stream (``mask``, ``ogm-ge``).
+
+        Drawing from it never moves the augmentation or global streams, so an arm that masks
+        and one that does not see the same crops, flips and data order. ``per_rank=False``:
+        the same numbers on every rank (noise added to all-reduced gradients must agree).
+        """
+        gen = self._arm_generators.get(stream)
+        if gen is None:
+            gen = self._arm_generators[stream] = torch.Generator(device=self.dist.device)
+        rank = self.dist.rank if per_rank else "all"
+        gen.manual_seed(derive_seed(self.seed, phase, epoch, rank, stream))
+        return gen
 
     # -- writing (rank 0)
 
     def _write_json(self, path: Path, obj: object) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+        write_atomic(path, (dumps(obj, indent=1) + "\n").encode())
 
     def _read_metrics(self) -> list[str]:
         return metric_lines(self.metrics)[0]
@@ -279,7 +299,7 @@ class RunDir:
             folder = self.phase_dir(phase)
             folder.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(dumps(record) + "\n")
             if best is not None:
                 meta = {"bnfix_fusion_phase": phase, **best_meta, **_version_meta()}
                 save_checkpoint(best, folder / "best.safetensors", meta, force=True)

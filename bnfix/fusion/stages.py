@@ -42,7 +42,10 @@ from bnfix.fusion.model import (
     load_stage1_encoder,
 )
 
-__all__ = ["Context", "input_meta", "run_stage1", "run_stage2"]
+__all__ = ["STAGE2", "Context", "input_meta", "run_stage1", "run_stage2"]
+
+#: The name stage-2 arms seed their shared random streams from (the configured rule's phase).
+STAGE2 = "stage2"
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +530,8 @@ def _masked_fraction(ratios: Tensor, n_patches: int) -> float:
 
 def _train_epoch_fusion(
     ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-    ratios: tuple[Tensor, Tensor] | None, gen: torch.Generator, label: str,
+    ratios: tuple[Tensor, Tensor] | None, gen: torch.Generator, mask_gen: torch.Generator,
+    label: str,
 ) -> dict[str, float]:  # fmt: skip
     model.train()
     m = ctx.config.mask
@@ -540,8 +544,8 @@ def _train_epoch_fusion(
                 index = batch["index"]
                 r_a = ratios[0][index].to(ctx.device, non_blocking=True)
                 r_v = ratios[1][index].to(ctx.device, non_blocking=True)
-                a = masking.mask_patches(a, r_a, m.audio_patch, gen)
-                v = masking.mask_patches(v, r_v, m.visual_patch, gen)
+                a = masking.mask_patches(a, r_a, m.audio_patch, mask_gen)
+                v = masking.mask_patches(v, r_v, m.visual_patch, mask_gen)
             y = batch["label"].to(ctx.device, non_blocking=True)
             with ctx.autocast():
                 logits, _, _ = model(a, v)
@@ -592,7 +596,10 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
         return done
     cfg = ctx.config.stage2
     ratio_a, ratio_v, mask_stats = mask_ratios(ctx, rule)
-    rd.seed_phase(phase)
+    # Paired arms: every stage-2 arm of a seed draws its head initialisation, data order,
+    # crops and flips from the same streams (named STAGE2, whatever the phase); only the
+    # masks (and OGM-GE's noise) come from streams of their own.
+    rd.seed_phase(STAGE2)
     model = _prepare(ctx, _build_fusion(ctx))
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -608,17 +615,18 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
             f"(mean ratio {mask_stats['mean_ratio_visual']:.3f})",
             highlight=False,
         )
-    batches = EpochBatches(ctx.positions["train"], cfg.batch_size, rd.phase_seed(phase), ctx.dist)
+    batches = EpochBatches(ctx.positions["train"], cfg.batch_size, rd.phase_seed(STAGE2), ctx.dist)
     loader = _loader(ctx, batches, ("audio", "visual"))
     net = ctx.dist.wrap(model)
     ratios = None if rule == "none" else (ratio_a, ratio_v)
     for epoch in range(state["epoch"], cfg.epochs):
-        gen = rd.seed_epoch(phase, epoch, ctx.device)
+        gen = rd.seed_epoch(STAGE2, epoch, ctx.device)
+        mask_gen = rd.arm_generator("mask", STAGE2, epoch)
         batches.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         label = f"stage 2 {rule} {epoch + 1}/{cfg.epochs}"
-        sums = _train_epoch_fusion(ctx, net, optimizer, loader, ratios, gen, label)
+        sums = _train_epoch_fusion(ctx, net, optimizer, loader, ratios, gen, mask_gen, label)
         seconds = time.perf_counter() - start
         loss_sum, correct, count = ctx.dist.sum([sums["loss_sum"], sums["correct"], sums["count"]])
         scheduler.step()

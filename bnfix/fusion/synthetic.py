@@ -35,11 +35,12 @@ def write_synthetic_av(
     seconds: float = 1.0,
     image_size: int = 48,
     frames: int = 3,
+    splits: tuple[str, ...] = SPLITS,
 ) -> Path:
     """Write ``classes * per_class`` samples under ``folder``; returns the manifest's path.
 
-    Splits cycle train, train, train, val, test within each class. ``modalities`` limits the
-    manifest's columns (a one-modality data set).
+    Splits cycle through ``splits`` within each class (default train, train, train, val,
+    test). ``modalities`` limits the manifest's columns (a one-modality data set).
     """
     if not 2 <= classes <= 8:
         raise ValueError("classes must be between 2 and 8")
@@ -50,7 +51,7 @@ def write_synthetic_av(
     for label in range(classes):
         for i in range(per_class):
             sample_id = f"c{label}_{i:03d}"
-            row = {"id": sample_id, "label": f"class{label}", "split": SPLITS[i % len(SPLITS)]}
+            row = {"id": sample_id, "label": f"class{label}", "split": splits[i % len(splits)]}
             if "audio" in modalities:
                 audio = folder / "audio" / f"{sample_id}.wav"
                 _write_clip(audio, label, rng, sample_rate, seconds)
