@@ -17,9 +17,9 @@ from torch import nn
 
 from bnfix.abri import convert
 from bnfix.abri_keys import ALPHA, abri_prefixes, plain_view
-from bnfix.architectures import Recognition, build_model, is_builtin, load_weights
 from bnfix.checkpoint import Checkpoint, load_checkpoint
 from bnfix.errors import BnfixError, one_line
+from bnfix.models import Recognition, build_model, is_builtin, load_weights
 
 
 def load(

@@ -21,7 +21,6 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from bnfix import architectures
 from bnfix.architectures import (
     Recognition,
     build_model,
@@ -30,6 +29,7 @@ from bnfix.architectures import (
     stem_in_channels,
 )
 from bnfix.errors import BnfixError
+from bnfix.models import torchvision_zoo
 
 CATALOGUE = [
     *("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
@@ -207,7 +207,7 @@ def test_other_classifier_size_resizes_auxiliary_heads_too() -> None:
 def test_stem_and_head_are_found_without_key_names(name: str) -> None:
     """Stem ``features.0.0`` / ``features.conv0`` and head ``classifier.*`` need no table."""
     state_dict = _meta_state_dict(name, num_classes=7)
-    layout = architectures._torchvision_layout(name, ())
+    layout = torchvision_zoo.torchvision_layout(name, ())
     assert layout.stem_key is not None and layout.head is not None
     shape = state_dict[layout.stem_key].shape
     state_dict[layout.stem_key] = torch.empty(shape[0], 2, *shape[2:], device="meta")
@@ -232,7 +232,7 @@ def test_near_miss_names_the_closest_model() -> None:
         k: v for k, v in _meta_state_dict("resnet50").items() if not k.startswith("layer4.2.")
     }
     assert recognise(state_dict) is None
-    with pytest.raises(BnfixError, match=r"closest torchvision model resnet50: \d+ keys missing"):
+    with pytest.raises(BnfixError, match=r"closest model resnet50: \d+ keys missing"):
         build_model(state_dict)
 
 
@@ -496,7 +496,7 @@ def test_timm_without_timm() -> None:
 
 def test_stem_in_channels() -> None:
     assert stem_in_channels(TinyNet(in_channels=5)) == 5
-    with pytest.raises(BnfixError, match=r"no nn\.Conv2d"):
+    with pytest.raises(BnfixError, match=r"no convolution \(Conv1d/2d/3d\)"):
         stem_in_channels(nn.Linear(2, 2))
 
 
@@ -511,17 +511,17 @@ def test_empty_weights_allocates_nothing_and_restores_torch() -> None:
 
 def test_each_family_representative_covers_its_members() -> None:
     """The prefilter relies on it: a member's checkpoint must be covered by its family."""
-    for members in architectures._families().values():
+    for members in torchvision_zoo.families().values():
         first = members[0]
-        covered = architectures._torchvision_layout(first.name, first.kwargs).patterns
+        covered = torchvision_zoo.torchvision_layout(first.name, first.kwargs).patterns
         for variant in members:
-            layout = architectures._torchvision_layout(variant.name, variant.kwargs)
+            layout = torchvision_zoo.torchvision_layout(variant.name, variant.kwargs)
             assert layout.patterns <= covered, variant.name
 
 
 def test_key_count_hints_are_current() -> None:
-    """The hints only order the search; stale ones slow it down. Update ``_FAMILIES``."""
-    for members in architectures._families().values():
+    """The hints only order the search; stale ones slow it down. Update ``FAMILIES``."""
+    for members in torchvision_zoo.families().values():
         for variant in members:
-            layout = architectures._torchvision_layout(variant.name, variant.kwargs)
+            layout = torchvision_zoo.torchvision_layout(variant.name, variant.kwargs)
             assert len(layout.shapes) == variant.keys, variant

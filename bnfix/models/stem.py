@@ -1,0 +1,85 @@
+"""The stem, and its modality adaptation: the first convolution takes the modality's channels.
+
+The stem is the first convolution in module order, of any dimension: ``nn.Conv1d`` (a waveform
+model), ``nn.Conv2d`` (images, spectrograms), ``nn.Conv3d`` (video clips); subclasses such as
+timm's ``Conv2dSame`` count. An RGB stem on spectrograms sums its weights over the three inputs
+(a spectrogram repeated to three channels gives the same output); a one-channel stem on images
+repeats its weights ÷3 (the same output as on the channel mean). Both hold for every kernel
+dimension. Nothing else has such an equivalence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnfix.errors import BnfixError
+from bnfix.models.layouts import CONVOLUTIONS
+
+__all__ = [
+    "MODALITY_CHANNELS",
+    "adapt_stem",
+    "adapt_weight",
+    "stem_conv",
+    "stem_dimensions",
+    "stem_in_channels",
+]
+
+MODALITY_CHANNELS = {"audio": 1, "visual": 3}
+
+Convolution = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def stem_conv(model: nn.Module) -> tuple[str, Convolution]:
+    """The first (non-transposed) convolution in module order, and its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, CONVOLUTIONS) and not module.transposed:
+            return name, module
+    raise BnfixError("the model has no convolution (Conv1d/2d/3d), so there is no stem to adapt")
+
+
+def stem_in_channels(model: nn.Module) -> int:
+    """Input channels of the stem: what a probe batch must have."""
+    try:
+        return stem_conv(model)[1].in_channels
+    except BnfixError:
+        raise BnfixError(
+            "the model has no convolution (Conv1d/2d/3d), so its input channels are unknown"
+        ) from None
+
+
+def stem_dimensions(model: nn.Module) -> int:
+    """How many spatial/temporal dimensions the stem convolves: 1, 2 or 3 (a probe batch has
+    this many dimensions after batch and channels)."""
+    return len(stem_conv(model)[1].kernel_size)
+
+
+def adapt_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A stem weight ``[out, in, *kernel]`` for ``in_channels`` inputs (1 <-> 3 only)."""
+    have = weight.shape[1]
+    if have == in_channels:
+        return weight
+    if have == 3 and in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if have == 1 and in_channels == 3:
+        return weight.repeat(1, 3, *([1] * (weight.dim() - 2))) / 3
+    raise BnfixError(
+        f"the stem takes {have} input channels and the modality has {in_channels}; only 1 <-> 3 "
+        "can be adapted"
+    )
+
+
+def adapt_stem(model: nn.Module, in_channels: int) -> str | None:
+    """Give the stem ``in_channels`` inputs in place; a note saying what changed, or None."""
+    name, conv = stem_conv(model)
+    have = conv.in_channels
+    if have == in_channels:
+        return None
+    if conv.groups != 1:
+        raise BnfixError(f"stem {name} is a grouped convolution; cannot adapt its input channels")
+    with torch.no_grad():
+        weight = adapt_weight(conv.weight.detach(), in_channels).clone()
+    conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    conv.in_channels = in_channels
+    how = "summed over RGB" if in_channels == 1 else "repeated ÷3"
+    return f"{name}: {have} -> {in_channels} input channels ({how})"
