@@ -15,6 +15,7 @@ from bnfix.abri import mix, mixed_statistics
 from bnfix.abri_keys import ADDITIONAL, ALPHA, ORIGINAL, abri_prefixes
 
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+BATCH_COUNTER = "num_batches_tracked"
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class BNParams:
     bias: torch.Tensor
     running_mean: torch.Tensor
     running_var: torch.Tensor
+    batches_tracked: int | None = None  # num_batches_tracked, when the checkpoint has it
 
     @property
     def channels(self) -> int:
@@ -39,10 +41,13 @@ def find_bn_layers(state_dict: Mapping[str, torch.Tensor]) -> list[BNParams]:
     LayerNorm/GroupNorm have no running statistics and are therefore not matched.
     """
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    counters: dict[str, int] = {}
     for key, tensor in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
         if leaf in BN_FIELDS:
             groups.setdefault(prefix, {})[leaf] = tensor
+        elif leaf == BATCH_COUNTER and tensor.numel() == 1:
+            counters[prefix] = int(tensor)
     layers = []
     for name, fields in groups.items():
         if len(fields) != len(BN_FIELDS):
@@ -51,7 +56,8 @@ def find_bn_layers(state_dict: Mapping[str, torch.Tensor]) -> list[BNParams]:
             continue
         if len({t.numel() for t in fields.values()}) != 1:
             continue
-        layers.append(BNParams(name, *(fields[f].detach().double().cpu() for f in BN_FIELDS)))
+        tensors = (fields[f].detach().double().cpu() for f in BN_FIELDS)
+        layers.append(BNParams(name, *tensors, batches_tracked=counters.get(name)))
     return _merge_abri(state_dict, layers)
 
 
@@ -78,4 +84,5 @@ def _effective(
         alpha, pre.running_mean, pre.running_var, new.running_mean, new.running_var
     )
     weight, bias = mix(alpha, pre.weight, new.weight), mix(alpha, pre.bias, new.bias)
-    return BNParams(name, weight.expand_as(pre.weight), bias.expand_as(pre.bias), mean, var)
+    weight, bias = weight.expand_as(pre.weight), bias.expand_as(pre.bias)
+    return BNParams(name, weight, bias, mean, var, batches_tracked=pre.batches_tracked)

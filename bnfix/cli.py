@@ -49,6 +49,7 @@ class FiniteRange(click.ParamType):
 
 
 TOLERANCE = FiniteRange()
+SEED_HELP = "Which probe files --probe-limit draws (uniformly at random, spread over folders)."
 FRACTION = FiniteRange(0.0, 1.0)
 
 
@@ -161,6 +162,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     "--probe", type=click.Path(path_type=Path), help="Audio, image or tensor file/folder."
 )
 @click.option("--probe-limit", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(2))
 @click.option("--json", "json_out", metavar="FILE|-", help="Write the report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write per-layer bars (PNG).")
@@ -207,6 +209,7 @@ def scan(
     modality: str | None,
     probe: Path | None,
     probe_limit: int,
+    seed: int,
     batch_size: int,
     json_out: str | None,
     plot: Path | None,
@@ -233,6 +236,7 @@ def scan(
         modality=modality,
         probe=probe,
         probe_limit=probe_limit,
+        seed=seed,
         batch_size=batch_size,
         device=resolve_device(device),
         thresholds=Thresholds(abs_tol, rel_tol, var_tol, dead_fraction),
@@ -273,9 +277,9 @@ def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None
     "--strategy",
     default="abri",
     show_default=True,
-    type=click.Choice(["abri", "reset-dead", "reset-all"]),
+    type=click.Choice(["abri", "reset-dead", "reset-all", "keep"]),
     help="abri: add a fresh BN twin mixed by α; reset-dead: γ=1, β=0 on flagged channels; "
-    "reset-all: every BN to defaults.",
+    "reset-all: every BN to defaults; keep: no BN change (with --recalibrate: AdaBN only).",
 )
 @click.option(
     "--alpha",
@@ -297,6 +301,7 @@ def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None
     help="Target-modality data: scan before/after on it (and --recalibrate).",
 )
 @click.option("--probe-limit", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(2))
 @click.option("--recalibrate", is_flag=True, help="Re-estimate running statistics on the probe.")
 @click.option(
@@ -318,6 +323,7 @@ def repair(
     alpha_per: str,
     probe: Path | None,
     probe_limit: int,
+    seed: int,
     batch_size: int,
     recalibrate: bool,
     out: Path | None,
@@ -344,6 +350,7 @@ def repair(
         per=alpha_per,  # type: ignore[arg-type]
         probe=probe,
         probe_limit=probe_limit,
+        seed=seed,
         batch_size=batch_size,
         recalibrate=recalibrate,
         out=out,
@@ -365,7 +372,12 @@ def repair(
 def show_repair(result: RepairResult, console: Console) -> None:
     from bnfix import report
 
-    report.render([result.before, result.after], console, labels=("before", "after"))
+    report.render(
+        [result.before, result.after],
+        console,
+        labels=("before", "after"),
+        show_recommendation=False,
+    )
     console.print(f"wrote {result.out}", highlight=False)
 
 
@@ -388,6 +400,8 @@ def fold(checkpoint: Path, out: Path, force: bool, arch: str | None, select: str
         f"{result.max_deviation:.2e} of the output scale",
         highlight=False,
     )
+    if result.verification:
+        console.print(f"  {result.verification}", highlight=False)
     console.print(f"wrote {result.out}", highlight=False)
 
 

@@ -18,6 +18,7 @@ from bnfix.fusion.config import load_config
 from bnfix.fusion.run import fusion_tune
 from bnfix.fusion.synthetic import write_demo_config, write_synthetic_av
 from bnfix.probe import write_demo_audio
+from bnfix.recommend import recommend
 from bnfix.repair_run import RepairRequest, run_fold, run_repair
 from bnfix.scan_run import ScanRequest, run_scan
 
@@ -57,10 +58,13 @@ def run_demo(workdir: Path, device: torch.device, console: Console) -> None:
     except BnfixError as exc:  # matplotlib is an optional extra
         console.print(f"[dim]no plot: {exc}[/dim]", highlight=False)
 
+    advice = recommend(scans[0]).action
     console.print(
         "[bold]4.[/bold] repair: ABRi (every BN + a fresh twin, mixed by α = 0.5), stem summed "
         "to 1 channel, running statistics recalibrated on the probe; the same probe before "
-        "and after"
+        f"and after. (The scan recommends '{advice}' for this checkpoint; the demo runs the "
+        "whole ABRi flow so that fold and fusion-tune have a repaired encoder to show.)",
+        highlight=False,
     )
     repaired = workdir / "mobilenet_v2.abri.safetensors"
     result = run_repair(
@@ -74,7 +78,12 @@ def run_demo(workdir: Path, device: torch.device, console: Console) -> None:
         ),
         console,
     )
-    report.render([result.before, result.after], console, labels=("before", "after"))
+    report.render(
+        [result.before, result.after],
+        console,
+        labels=("before", "after"),
+        show_recommendation=False,
+    )
     console.print(f"wrote {repaired}", highlight=False)
 
     console.print("[bold]5.[/bold] fold: ABRi blocks back into plain BatchNorm (stock layout)")

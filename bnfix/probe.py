@@ -70,6 +70,7 @@ class Probe:
     modality: str | None  # "audio" | "visual" | None (ready tensors of unknown modality)
     sources: list[str]  # the file each sample came from (ready tensors: the file, repeated)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    files: int = 0  # probe files found (of the probe's kind), before any limit
 
 
 def load_probe(
@@ -78,14 +79,16 @@ def load_probe(
     limit: int | None = None,
     audio: AudioOptions = _DEFAULT_AUDIO,
     image: ImageOptions = _DEFAULT_IMAGE,
+    seed: int = 0,
 ) -> Probe:
     """Read the probe at ``path`` into one batch.
 
     ``modality`` picks which files of a folder count ("audio": audio clips, "visual": images);
     a folder holding none of those but ready tensors uses the tensors. ``None`` infers the
     kind and refuses a folder that mixes kinds, since guessing wrong would silently scan the
-    model on the wrong modality. ``limit`` keeps the first samples in sorted order; later files
-    are not even opened.
+    model on the wrong modality. ``limit`` keeps that many samples, drawn uniformly at random
+    (``seed``) and spread over the sub-folders (see :func:`sampling_order`): the first files
+    in sorted order are often one class. Files beyond the limit are not even opened.
     """
     if modality is not None and modality not in MODALITIES:
         raise BnfixError(f"unknown modality {modality!r}; use 'audio' or 'visual'")
@@ -98,11 +101,53 @@ def load_probe(
             root,
         )
     kind, files = _select_files(root, modality)
+    found = len(files)
     if kind == "tensor":
-        return _load_tensors(root, files, modality, limit)
-    if kind == "audio":
-        return _load_audio(root, files, limit, audio)
-    return _load_images(root, files, limit, image)
+        probe = _load_tensors(root, files, modality, limit, seed)
+    else:
+        if limit is not None and len(files) > limit:
+            files = sampling_order(files, root, seed)
+        if kind == "audio":
+            probe = _load_audio(root, files, limit, audio)
+        else:
+            probe = _load_images(root, files, limit, image)
+        order = {f: i for i, f in enumerate(sorted(probe.sources))}
+        probe = _reorder(
+            probe, sorted(range(len(probe.sources)), key=lambda i: order[probe.sources[i]])
+        )
+    probe.files = found
+    return probe
+
+
+def sampling_order(files: list[Path], root: Path, seed: int) -> list[Path]:
+    """A seeded random order of ``files`` in which every prefix is spread over sub-folders.
+
+    Each folder's files are shuffled; the j-th of a folder of n gets the key (j + u) / n with u
+    uniform in [0, 1), and all files are sorted by key (systematic stratified sampling). A
+    prefix of length L then holds about L·n/N files of every folder of n (at least one of any
+    folder with n ≥ N/L), each file equally likely; a skipped unreadable file is replaced by
+    the next in the order, usually from the same stratum.
+    """
+    g = torch.Generator().manual_seed(seed)
+    folders: dict[Path, list[Path]] = {}
+    for f in files:
+        folders.setdefault(f.parent.relative_to(root) if f != root else Path(), []).append(f)
+    keyed: list[tuple[float, Path]] = []
+    for _, members in sorted(folders.items()):
+        n = len(members)
+        perm = torch.randperm(n, generator=g).tolist()
+        offsets = torch.rand(n, generator=g, dtype=torch.float64).tolist()
+        keyed += [((j + offsets[j]) / n, members[perm[j]]) for j in range(n)]
+    return [f for _, f in sorted(keyed, key=lambda item: item[0])]
+
+
+def _reorder(probe: Probe, index: list[int]) -> Probe:
+    """The probe's samples in the order ``index`` (sorted by source: reports read naturally)."""
+    if index == list(range(len(index))):
+        return probe
+    probe.tensor = probe.tensor[torch.tensor(index, dtype=torch.long)]
+    probe.sources = [probe.sources[i] for i in index]
+    return probe
 
 
 def adapt_channels(x: torch.Tensor, in_channels: int, path: str | None = None) -> torch.Tensor:
@@ -295,8 +340,10 @@ def _load_images(root: Path, files: list[Path], limit: int | None, opts: ImageOp
 # --- ready tensors -----------------------------------------------------------------------------
 
 
-def _load_tensors(root: Path, files: list[Path], modality: str | None, limit: int | None) -> Probe:
-    results, names, skipped = _read_each(files, limit, _read_tensor_file, len)
+def _load_tensors(
+    root: Path, files: list[Path], modality: str | None, limit: int | None, seed: int = 0
+) -> Probe:
+    results, names, skipped = _read_each(files, None, _read_tensor_file, len)
     if not results:
         raise _nothing_readable("tensor", root, skipped)
     first_shape = results[0].shape[1:]
@@ -310,8 +357,11 @@ def _load_tensors(root: Path, files: list[Path], modality: str | None, limit: in
             )
     tensor = torch.cat(results) if len(results) > 1 else results[0]
     sources = [name for name, batch in zip(names, results, strict=True) for _ in range(len(batch))]
-    if limit is not None:
-        tensor, sources = tensor[:limit], sources[:limit]
+    if limit is not None and tensor.shape[0] > limit:
+        # rows drawn at random (seeded), kept in file order: a saved batch is often sorted
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(tensor.shape[0], generator=g)[:limit].sort().values
+        tensor, sources = tensor[rows], [sources[i] for i in rows.tolist()]
     return Probe(tensor=tensor.contiguous(), modality=modality, sources=sources, skipped=skipped)
 
 

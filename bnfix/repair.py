@@ -3,7 +3,9 @@
 ``abri`` keeps every pretrained BN and adds a fresh twin (see :mod:`bnfix.abri`);
 ``reset-dead`` sets γ=1, β=0 on the channels the static scan flags (abnormal pairs and
 always-dead channels), as the paper's baseline does; ``reset-all`` returns every BN to its
-defaults (γ=1, β=0, mean 0, var 1), i.e. throws the pretrained normalisation away.
+defaults (γ=1, β=0, mean 0, var 1), i.e. throws the pretrained normalisation away; ``keep``
+changes no BN: with ``--recalibrate`` it is plain AdaBN (new statistics, the learned γ and β
+kept), what a scan recommends for a domain gap with healthy channels.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from bnfix.abri import Per, abri_blocks, convert
 from bnfix.errors import BnfixError
 from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, indices
 
-STRATEGIES = ("abri", "reset-dead", "reset-all")
+STRATEGIES = ("abri", "reset-dead", "reset-all", "keep")
 
 
 @dataclass
@@ -75,6 +77,8 @@ def apply_strategy(
         return reset_dead(model, t)
     if strategy == "reset-all":
         return reset_all(model)
+    if strategy == "keep":
+        return RepairOutcome("keep", 0, 0)
     raise BnfixError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
 
 

@@ -28,7 +28,7 @@ from bnfix.checkpoint import (
     sha256_file,
 )
 from bnfix.errors import BnfixError, one_line
-from bnfix.loading import model_from_state
+from bnfix.loading import architecture, model_from_state
 from bnfix.masks import Thresholds
 from bnfix.probe import AudioOptions, ImageOptions, Probe, batches, load_probe
 from bnfix.recalibrate import recalibrate
@@ -46,6 +46,7 @@ class RepairRequest:
     per: Per = "layer"
     probe: Path | None = None
     probe_limit: int = 128
+    seed: int = 0  # which files a --probe-limit draws
     batch_size: int = 16
     recalibrate: bool = False
     out: Path | None = None
@@ -126,6 +127,7 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
                 device=r.device,
                 probe_path=str(r.probe),
             )
+            report.set_probe(str(r.probe), probe.files, probe.sources)
         report.architecture = recognition.name
         return report
 
@@ -173,6 +175,8 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
 def _describe(outcome: RepairOutcome) -> str:
     if outcome.strategy == "abri":
         return f"ABRi: {outcome.layers} BN layers now pretrained BN + fresh twin, mixed by α"
+    if outcome.strategy == "keep":
+        return "BN layers kept as they were (no strategy applied)"
     if outcome.strategy == "reset-dead":
         return f"reset γ=1, β=0 on {outcome.channels} flagged channels in {outcome.layers} layers"
     return f"reset all {outcome.layers} BN layers ({outcome.channels} channels) to defaults"
@@ -231,7 +235,7 @@ def _read_probe(r: RepairRequest, console: Console) -> Probe | None:
     if r.probe is None:
         return None
     with console.status(f"reading probe {r.probe}"):
-        probe = load_probe(r.probe, r.modality, r.probe_limit, r.audio, r.image)
+        probe = load_probe(r.probe, r.modality, r.probe_limit, r.audio, r.image, seed=r.seed)
     for source, reason in probe.skipped:
         console.print(f"[yellow]skipped[/yellow] {source}: {reason}", highlight=False)
     return probe
@@ -321,9 +325,7 @@ def run_fold(
             "'<layer>.original.*'): nothing to fold",
             checkpoint,
         )
-    model, recognition = model_from_state(
-        ckpt.state_dict, arch or ckpt.metadata.get("architecture")
-    )
+    model, recognition = model_from_state(ckpt.state_dict, architecture(ckpt, arch))
     model.eval()
     folded = fold(_shared_copy(model))  # in the checkpoint's own dtype: what is written
     try:

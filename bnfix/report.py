@@ -12,7 +12,15 @@ from rich.table import Table
 from bnfix.checkpoint import write_atomic
 from bnfix.errors import BnfixError
 from bnfix.jsonio import dumps
-from bnfix.scan import UNREACHED, CheckpointScan, LayerScan
+from bnfix.recommend import recommend
+from bnfix.scan import (
+    KERAS_MOMENTUM,
+    UNREACHED,
+    UNTRAINED_STATS,
+    ZERO_LAYER,
+    CheckpointScan,
+    LayerScan,
+)
 
 SCHEMA = "bnfix.scan/1"
 #: A layer is flagged when at least this share of its channels is dead or abnormal.
@@ -20,6 +28,12 @@ WARN_SHARE = 0.10
 #: Standardised mean shift / |log variance ratio| above which the probe is far from the
 #: statistics the checkpoint was trained with (recalibration or repair worth considering).
 WARN_SHIFT = 1.0
+#: The warning column's words for the lint codes not already told by the channel counts.
+LINT_WORDS = {
+    UNTRAINED_STATS: "stats never estimated",
+    KERAS_MOMENTUM: "Keras momentum",
+    ZERO_LAYER: "γ=β=0 (zero-init branch?)",
+}
 
 
 # --------------------------------------------------------------------------- JSON
@@ -37,8 +51,11 @@ def _checkpoint_json(scan: CheckpointScan) -> dict:
         "architecture": scan.architecture,
         "modality": scan.modality,
         "probe_samples": scan.probe_samples,
+        "probe_files": scan.probe_files,
+        "probe_sources": scan.probe_sources,
         "notes": scan.notes,
         "verdict": verdict(scan),
+        "recommendation": recommend(scan).as_dict(),
         "summary": {
             "bn_layers": summary.bn_layers,
             "channels": summary.channels,
@@ -103,6 +120,7 @@ def layer_warning(layer: LayerScan) -> str:
         words.append("collapsed var")
     if layer.invalid:
         words.append(f"{len(layer.invalid)} NaN/Inf or negative-var")
+    words += [LINT_WORDS[code] for code in layer.lint if code in LINT_WORDS]
     if layer.unjudged and layer.unjudged != UNREACHED:
         words.append("not judged")
     shift, ratio = _finite(layer.mean_shift) or 0.0, _finite(layer.log_var_ratio) or 0.0
@@ -122,6 +140,9 @@ def verdict(scan: CheckpointScan) -> str:
             f"; {s.invalid:,} channels in {flagged} {'layer' if flagged == 1 else 'layers'} hold "
             "NaN/Inf or a negative variance (counted as dead)"
         )
+    told = [f"{s.lint[code]} {LINT_WORDS[code]}" for code in LINT_WORDS if s.lint.get(code)]
+    if told:
+        broken += f"; lint (layers): {', '.join(told)}"
     if s.dead is None:
         return (
             f"{arch}: {s.abnormal:,} abnormal pairs, {s.always_dead:,} always-dead and "
@@ -129,6 +150,8 @@ def verdict(scan: CheckpointScan) -> str:
             "--probe to measure dead channels on your data)"
         )
     on = f"on {scan.probe_samples} {scan.modality or 'probe'} samples"
+    if scan.probe_files:
+        on += f" ({scan.probe_description})"
     share = s.unusable / s.channels
     line = f"{arch} {on}: {s.unusable:,} of {s.channels:,} channels dead ({share:.1%})"
     if s.capacity_used is None:
@@ -144,8 +167,7 @@ def verdict(scan: CheckpointScan) -> str:
         flagged = sum(len(x.unusable) / x.channels >= WARN_SHARE for x in judged)
         layers = "layer" if flagged == 1 else "layers"
         line += (
-            f"; {flagged} {layers} ≥{WARN_SHARE:.0%} dead, worst {worst.name} "
-            f"({worst_share:.0%}): a candidate for ABRi re-initialisation"
+            f"; {flagged} {layers} ≥{WARN_SHARE:.0%} dead, worst {worst.name} ({worst_share:.0%})"
         )
     elif not s.invalid:
         line += "; no layer is badly affected"
@@ -170,6 +192,8 @@ def single_table(scan: CheckpointScan) -> Table:
     title = f"{Path(scan.path).name} — {scan.architecture or 'architecture not recognised'}"
     if probed:
         title += f" — {scan.probe_samples} {scan.modality or 'probe'} samples"
+        if scan.probe_files:
+            title += f" from {scan.probe_description}"
     table = Table(title=title, title_justify="left", header_style="bold", show_lines=False)
     table.add_column("BN layer", no_wrap=True)
     table.add_column("ch", justify="right")
@@ -216,9 +240,7 @@ def side_by_side_table(
         label = f"[{i}] {labels[i - 1] if labels else Path(scan.path).name}"
         table.add_column(f"{label}\nabnormal", justify="right")
         table.add_column(f"{label}\ndead %", justify="right")
-    names: list[str] = []
-    for scan in scans:
-        names += [layer.name for layer in scan.layers if layer.name not in names]
+    names = _layer_union(scans)
     by_name = [{layer.name: layer for layer in scan.layers} for scan in scans]
     for name in names:
         channels = next(m[name].channels for m in by_name if name in m)
@@ -236,7 +258,10 @@ def side_by_side_table(
 
 
 def render(
-    scans: Sequence[CheckpointScan], console: Console, labels: Sequence[str] | None = None
+    scans: Sequence[CheckpointScan],
+    console: Console,
+    labels: Sequence[str] | None = None,
+    show_recommendation: bool = True,
 ) -> None:
     if len(scans) == 1:
         console.print(single_table(scans[0]))
@@ -249,13 +274,25 @@ def render(
         for note in scan.notes:
             console.print(f"{prefix}[dim]note: {note}[/dim]", highlight=False)
         console.print(f"{prefix}[bold]verdict:[/bold] {verdict(scan)}", highlight=False)
+        if show_recommendation:
+            rec = recommend(scan)
+            console.print(
+                f"{prefix}[bold]recommendation: {rec.action}[/bold] — {'; '.join(rec.reasons)}",
+                highlight=False,
+            )
+            if rec.command:
+                console.print(f"{prefix}  next: {rec.command}", highlight=False)
 
 
 # --------------------------------------------------------------------------- plot
 
 
-def plot(scans: Sequence[CheckpointScan], target: Path) -> None:
-    """Per-layer bars of abnormal and dead shares, one panel per checkpoint (paper, Fig. 2a)."""
+def plot(
+    scans: Sequence[CheckpointScan], target: Path, labels: Sequence[str] | None = None
+) -> None:
+    """Per-layer bars (paper, Fig. 2a) named by layer, one bar per checkpoint in each group:
+    the dead share with a probe (abnormal share without), and under it the domain gap (mean
+    shift and log variance ratio) when any checkpoint was probed."""
     try:
         import matplotlib
 
@@ -263,29 +300,74 @@ def plot(scans: Sequence[CheckpointScan], target: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise BnfixError("--plot needs matplotlib: pip install 'bnfix[plot]'") from None
+    names = _layer_union(scans)
+    by_name = [{layer.name: layer for layer in scan.layers} for scan in scans]
+    probed = any(scan.probe_samples > 0 for scan in scans)
+    panels = 2 if probed else 1
     fig, axes = plt.subplots(
-        len(scans),
+        panels,
         1,
-        figsize=(max(8, 0.18 * max(len(s.layers) for s in scans)), 3.2 * len(scans)),
+        figsize=(max(8, 0.22 * len(names) + 2), 3.4 * panels + 1.2),
         squeeze=False,
+        sharex=True,
     )
-    for ax, scan in zip(axes[:, 0], scans, strict=True):
-        xs = range(len(scan.layers))
-        abnormal = [100 * len(x.abnormal) / x.channels for x in scan.layers]
-        probed = scan.probe_samples > 0
-        dead = [100 * len(x.unusable) / x.channels for x in scan.layers]
-        width = 0.4 if probed else 0.8
-        ax.bar([x - width / 2 if probed else x for x in xs], abnormal, width, label="abnormal %")
+    width = 0.8 / len(scans)
+    tallest = 0.0
+    for i, (scan, layers) in enumerate(zip(scans, by_name, strict=True)):
+        label = labels[i] if labels else f"{Path(scan.path).name} ({scan.architecture or '?'})"
+        label = f"({i + 1}) {label}"
+        offset = (i - (len(scans) - 1) / 2) * width
+        if scan.probe_samples > 0:
+            share = [_plot_share(layers.get(n), dead=True) for n in names]
+            label += " — dead %"
+        else:
+            share = [_plot_share(layers.get(n), dead=False) for n in names]
+            label += " — abnormal %"
+        tallest = max(tallest, *share)
+        axes[0, 0].bar([x + offset for x in range(len(names))], share, width, label=label)
         if probed:
-            ax.bar([x + width / 2 for x in xs], dead, width, label="dead %", color="tab:red")
-        ax.set_title(f"{Path(scan.path).name} ({scan.architecture or 'unknown'})", fontsize=9)
-        ax.set_ylabel("% of channels")
-        ax.set_xlabel("BN layer (network order)")
-        tallest = max([*abnormal, *(dead if probed else [])], default=0.0)
-        ax.set_ylim(0, min(100.0, max(10.0, 1.15 * tallest)))
-        ax.legend(fontsize=8)
+            shift = [_gap_value(layers.get(n), "mean_shift") for n in names]
+            ratio = [_gap_value(layers.get(n), "log_var_ratio") for n in names]
+            xs = [x + offset for x in range(len(names))]
+            axes[1, 0].bar(xs, shift, width, label=f"mean shift ({i + 1})")
+            axes[1, 0].plot(xs, ratio, "o", markersize=3, label=f"log σ² ratio ({i + 1})")
+    axes[0, 0].set_ylabel("% of channels")
+    axes[0, 0].set_ylim(0, min(100.0, max(10.0, 1.15 * tallest)))
+    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].set_title("BN layers (network order)", fontsize=9)
+    if probed:
+        axes[1, 0].axhline(0, color="black", linewidth=0.5)
+        for level in (WARN_SHIFT, -WARN_SHIFT):
+            axes[1, 0].axhline(level, color="grey", linestyle=":", linewidth=0.8)
+        axes[1, 0].set_ylabel("domain gap")
+        axes[1, 0].legend(fontsize=7)
+    bottom = axes[-1, 0]
+    bottom.set_xticks(range(len(names)))
+    bottom.set_xticklabels(names, rotation=90, fontsize=6)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     write_atomic(target, buffer.getvalue())
+
+
+def _layer_union(scans: Sequence[CheckpointScan]) -> list[str]:
+    names: list[str] = []
+    seen: set[str] = set()
+    for scan in scans:
+        for layer in scan.layers:
+            if layer.name not in seen:
+                seen.add(layer.name)
+                names.append(layer.name)
+    return names
+
+
+def _plot_share(layer: LayerScan | None, dead: bool) -> float:
+    if layer is None or not layer.channels:
+        return 0.0
+    return 100 * len(layer.unusable if dead else layer.abnormal) / layer.channels
+
+
+def _gap_value(layer: LayerScan | None, key: str) -> float:
+    value = None if layer is None else _finite(getattr(layer, key))
+    return 0.0 if value is None else value

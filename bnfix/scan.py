@@ -30,8 +30,13 @@ from bnfix.probe_stats import (
     mean_shift,
 )
 
-#: Lint codes a layer can carry (stored tensors no healthy BatchNorm has).
+#: Lint codes a layer can carry: stored tensors or settings no healthy pretrained BN has.
 NON_FINITE, NEGATIVE_VAR = "non_finite", "negative_var"
+UNTRAINED_STATS, KERAS_MOMENTUM, ZERO_LAYER = "untrained_stats", "keras_momentum", "zero_layer"
+LINT_CODES = (NON_FINITE, NEGATIVE_VAR, UNTRAINED_STATS, KERAS_MOMENTUM, ZERO_LAYER)
+#: PyTorch's momentum weighs the new batch (default 0.1); Keras' weighs the old value (0.99).
+#: A ported model that kept Keras' number forgets its statistics almost every batch.
+KERAS_MOMENTUM_ABOVE = 0.5
 #: Why a probe scan could not judge a layer.
 UNREACHED = "not reached by the probe"
 NON_FINITE_OUTPUT = "non-finite outputs on the probe"
@@ -83,6 +88,22 @@ class CheckpointScan:
     probe_samples: int
     layers: list[LayerScan]
     notes: list[str] = field(default_factory=list)
+    probe_files: int = 0  # probe files found, before --probe-limit
+    probe_sources: list[str] = field(default_factory=list)  # the files the samples came from
+    probe: str | None = None  # the probe path the user gave
+
+    def set_probe(self, path: str | None, files: int, sources: list[str]) -> None:
+        """Record the probe, which of its files were found and which were used."""
+        self.probe, self.probe_files = path, files
+        self.probe_sources = list(dict.fromkeys(sources))
+
+    @property
+    def probe_description(self) -> str:
+        """ "128 of 137 files" when a limit left files out."""
+        used, noun = len(self.probe_sources), "file" if self.probe_files == 1 else "files"
+        return (
+            f"{used} of {self.probe_files} {noun}" if used < self.probe_files else f"{used} {noun}"
+        )
 
     @property
     def summary(self) -> ScanSummary:
@@ -120,15 +141,23 @@ class CheckpointScan:
 
 
 def static_layer(bn: BNParams, t: Thresholds) -> LayerScan:
-    return LayerScan(
+    lint = lint_codes(bn)
+    layer = LayerScan(
         name=bn.name,
         channels=bn.channels,
         abnormal=indices(abnormal_mask(bn.weight, bn.bias, t)),
         always_dead=indices(always_dead_mask(bn.weight, bn.bias, t)),
         collapsed=indices(collapsed_mask(bn.running_var, t)),
         invalid=indices(invalid_mask(bn.weight, bn.bias, bn.running_mean, bn.running_var)),
-        lint=lint_codes(bn),
+        lint=lint,
     )
+    if ZERO_LAYER in lint:
+        # γ = β = 0 everywhere is a design (zero-initialised residual branch: the block starts
+        # as the identity) or an untrained file, not channels that died in pretraining.
+        layer.abnormal, layer.always_dead = [], []
+    if UNTRAINED_STATS in lint:
+        layer.collapsed = []
+    return layer
 
 
 def lint_codes(bn: BNParams) -> list[str]:
@@ -139,7 +168,26 @@ def lint_codes(bn: BNParams) -> list[str]:
         codes.append(NON_FINITE)
     if bool((bn.running_var < 0).any()):
         codes.append(NEGATIVE_VAR)
+    if (
+        bn.batches_tracked in (None, 0)
+        and bool((bn.running_mean == 0).all())
+        and bool((bn.running_var == 1).all())
+    ):
+        codes.append(UNTRAINED_STATS)  # the constructor's values: never estimated on data
+    if bool((bn.weight == 0).all()) and bool((bn.bias == 0).all()):
+        codes.append(ZERO_LAYER)
     return codes
+
+
+def add_module_lint(layer: LayerScan, module: torch.nn.Module) -> None:
+    """Lint only a built model shows: its momentum is not in the state dict."""
+    momentum = getattr(getattr(module, "original", module), "momentum", None)
+    if (
+        momentum is not None
+        and momentum > KERAS_MOMENTUM_ABOVE
+        and KERAS_MOMENTUM not in layer.lint
+    ):
+        layer.lint.append(KERAS_MOMENTUM)
 
 
 def add_probe_signals(
@@ -150,7 +198,9 @@ def add_probe_signals(
         # nothing about this layer's channels (an earlier layer's NaN reaches every later one).
         layer.unjudged = NON_FINITE_OUTPUT
         return
-    layer.dead = indices(stats.dead_sample_fraction >= t.dead_fraction)
+    # A zero layer outputs exactly 0: "dead" by the count, but by design (see static_layer).
+    dead = stats.dead_sample_fraction >= t.dead_fraction
+    layer.dead = [] if ZERO_LAYER in layer.lint else indices(dead)
     layer.active_fraction = [round(v, 6) for v in stats.active_fraction.tolist()]
     layer.dead_sample_fraction = [round(v, 6) for v in stats.dead_sample_fraction.tolist()]
     layer.mean_shift = mean_shift(stats, bn.running_mean, bn.running_var, eps)
@@ -202,6 +252,8 @@ def scan_probe(
         raise BnfixError(f"the model cannot run on this probe ({message})", probe_path) from None
     modules = bn_modules(model)
     for layer, bn in zip(report.layers, bns, strict=True):
+        if layer.name in modules:
+            add_module_lint(layer, modules[layer.name])
         if layer.name in stats and layer.name in modules:
             add_probe_signals(layer, bn, stats[layer.name], bn_eps(modules[layer.name]), t)
     for layer in report.layers:

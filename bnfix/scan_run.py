@@ -31,6 +31,7 @@ class ScanRequest:
     modality: str | None = None
     probe: Path | None = None
     probe_limit: int = 128
+    seed: int = 0  # which files a --probe-limit draws
     batch_size: int = 16
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     thresholds: Thresholds = Thresholds()
@@ -47,6 +48,7 @@ def run_scan(request: ScanRequest, console: Console) -> list[CheckpointScan]:
                 request.probe,
                 request.modality,
                 limit=request.probe_limit,
+                seed=request.seed,
                 audio=request.audio,
                 image=request.image,
             )
@@ -87,6 +89,7 @@ def scan_one(
     )
     report.architecture = recognition.name
     report.notes.extend(recognition.notes)
+    report.set_probe(str(request.probe), probe.files, probe.sources)
     if x.shape[1] != probe.tensor.shape[1]:
         report.notes.append(
             f"probe adapted from {probe.tensor.shape[1]} to {x.shape[1]} input channels"

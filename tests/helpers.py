@@ -48,3 +48,11 @@ def run_inprocess(*args: str | Path) -> Run:
         except SystemExit as exc:
             code = int(exc.code or 0)
     return Run(code, out.getvalue(), err.getvalue())
+
+
+def one_error_line(stderr: str) -> str:
+    """The CLI's contract for bad input: exactly one line, ``bnfix: error: ...``, no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("bnfix: error: ") and "Traceback" not in stderr
+    return lines[0]

@@ -11,18 +11,11 @@ import pytest
 import soundfile as sf
 import torch
 import torchvision
-from helpers import run_cli, run_inprocess
+from helpers import one_error_line, run_cli, run_inprocess
 from safetensors.torch import save_file
 from torch import nn
 
 from bnfix.checkpoint import load_checkpoint
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("bnfix: error: ") and "Traceback" not in stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import run_inprocess
+from helpers import one_error_line, run_inprocess
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -33,13 +33,6 @@ from bnfix.probe_image import (
 from bnfix.repair_run import FOLD_TOLERANCE
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("bnfix: error: ") and "Traceback" not in stderr
-    return lines[0]
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

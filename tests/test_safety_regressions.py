@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import run_inprocess
+from helpers import one_error_line, run_inprocess
 from safetensors.torch import save_file
 
 import bnfix
@@ -35,13 +35,6 @@ def build():
     import torchvision
     return torchvision.models.resnet18()
 """
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("bnfix: error: ") and "Traceback" not in stderr
-    return lines[0]
 
 
 def strict_json(text: str) -> object:
@@ -95,8 +88,18 @@ def test_a_factory_in_metadata_is_never_imported(resnet_state, evil_module, tmp_
     assert f"asks for the factory '{factory}'" in line and f"--arch {factory}" in line
     with pytest.raises(BnfixError, match="never imports code a file names"):
         bnfix.load(ckpt)
-    folded = run_inprocess("fold", ckpt, "--out", tmp_path / "f.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file(resnet_state, plain)
+    repaired = tmp_path / "repaired.safetensors"
+    assert run_inprocess("repair", plain, "--modality", "visual", "--out", repaired).code == 0
+    abri_state = load_checkpoint(repaired)
+    save_file(
+        abri_state.state_dict, repaired, metadata={**abri_state.metadata, "architecture": factory}
+    )
+    folded = run_inprocess("fold", repaired, "--out", tmp_path / "f.safetensors")
     assert folded.code == 2
+    assert f"asks for the factory '{factory}'" in one_error_line(folded.stderr)
+    assert not (tmp_path / "f.safetensors").exists()
     assert not marker.exists() and factory.split(":")[0] not in sys.modules
 
     # Named by the user, the same factory is used.

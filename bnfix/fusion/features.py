@@ -48,7 +48,7 @@ from bnfix.probe_audio import AudioOptions, features_with_length, read_audio
 __all__ = ["CACHE_VERSION", "FeatureSet", "VisualOptions", "load_features"]
 
 #: Bump when what an entry holds changes meaning, so that old caches are recomputed.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: frames decoded by probe_image.decode_rgb (16-bit scaled)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 #: Skipped samples listed one by one on the console; the rest are counted.
 SHOW_SKIPPED = 20
