@@ -519,6 +519,14 @@ def test_each_family_representative_covers_its_members() -> None:
             assert layout.patterns <= covered, variant.name
 
 
+def test_stem_keys_are_every_members() -> None:
+    """The search skips a family whose stem key a checkpoint lacks: it must be every member's."""
+    for family, members in torchvision_zoo.families().items():
+        for variant in members:
+            layout = torchvision_zoo.torchvision_layout(variant.name, variant.kwargs)
+            assert layout.stem_key == torchvision_zoo.STEM_KEYS[family], variant.name
+
+
 def test_key_count_hints_are_current() -> None:
     """The hints only order the search; stale ones slow it down. Update ``FAMILIES``."""
     for members in torchvision_zoo.families().values():

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from bnfix.models import timm_zoo, torchvision_zoo
-from bnfix.models.families import Match
+from bnfix.models.families import Match, try_members
 from bnfix.models.layouts import Recognition, canonical_keys, gc_paused, pattern, shapes_of
 
 __all__ = ["closest_model", "find", "recognise"]
@@ -30,7 +30,12 @@ def find(state_dict: Mapping[str, Tensor]) -> tuple[Match | None, str | None]:
         if not patterns:
             return None, None
         closest: list[tuple[int, str]] = []
-        match = torchvision_zoo.search(canonical, patterns, renamed, closest)
+        match = None
+        hits = timm_zoo.signature_hits(canonical)
+        if not timm_zoo.torchvision_may_fit(hits):  # only timm can fit: skip torchvision
+            match = try_members(canonical, hits, renamed, closest)
+        if match is None:
+            match = torchvision_zoo.search(canonical, patterns, renamed, closest)
         if match is None:
             match = timm_zoo.search(canonical, patterns, renamed, closest)
         if match is not None:

@@ -9,6 +9,7 @@ Members: (name, keys, signature, stem module, classifier module, classifier has 
 from typing import Any
 
 TIMM_VERSION = "1.0.31"
+TORCHVISION_VERSION = "0.29.1+cu130"
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "resnet": {
@@ -1126,4 +1127,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "same_layout": {
         },
     },
+}
+
+# timm members with a torchvision model's keys and shapes: torchvision's name wins
+TORCHVISION_TWINS: dict[str, str] = {
+    "resnet18": "resnet18",
+    "resnet34": "resnet34",
+    "resnet50": "resnet50",
+    "resnet101": "resnet101",
+    "resnet152": "resnet152",
+    "resnext50_32x4d": "resnext50_32x4d",
+    "wide_resnet50_2": "wide_resnet50_2",
+    "resnext101_32x8d": "resnext101_32x8d",
+    "resnext101_64x4d": "resnext101_64x4d",
+    "wide_resnet101_2": "wide_resnet101_2",
+    "densenet121": "densenet121",
+    "densenet161": "densenet161",
+    "densenet169": "densenet169",
+    "densenet201": "densenet201",
+    "inception_v3": "inception_v3",
 }

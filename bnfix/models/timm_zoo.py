@@ -220,27 +220,53 @@ def search(
     return _search_by_family(canonical, patterns, renamed, closest)
 
 
+def signature_hits(canonical: Mapping[str, Tensor]) -> list[Variant]:
+    """Members whose signature the checkpoint has (a current catalogue only; else [])."""
+    if not available() or not is_current():
+        return []
+    shapes = shapes_of(canonical)
+    names = registered()
+    found = []
+    for (stem_key, head_keys), signatures in _signature_index().items():
+        if stem_key is not None and stem_key not in shapes:
+            continue
+        for name in signatures.get(signature(shapes, stem_key, head_keys), []):
+            if name in names:
+                found.append(Variant(name, _members_by_name()[name].keys, zoo=ZOO))
+    return found
+
+
+def torchvision_may_fit(hits: list[Variant]) -> bool:
+    """Whether a torchvision model may fit a checkpoint with these signature hits: False only
+    when every hit is a timm member no torchvision model shares keys with, as recorded by a
+    catalogue written for the installed torchvision too. Then the torchvision search, which
+    would build every member of a family whose patterns look alike (timm's resnet26 against
+    torchvision's ten ResNets), is skipped."""
+    import torchvision
+
+    from bnfix.models import timm_catalogue as data
+
+    if not hits or getattr(data, "TORCHVISION_VERSION", None) != torchvision.__version__:
+        return True
+    twins = data.TORCHVISION_TWINS
+    return any(hit.name in twins for hit in hits)
+
+
 def _search_by_signature(
     canonical: Mapping[str, Tensor],
     patterns: set[str],
     renamed: bool,
     closest: list[tuple[int, str]],
 ) -> Match | None:
-    shapes = shapes_of(canonical)
-    names = registered()
-    for (stem_key, head_keys), signatures in _signature_index().items():
-        if stem_key is not None and stem_key not in shapes:
-            continue
-        hits = signatures.get(signature(shapes, stem_key, head_keys), [])
-        members = [Variant(n, _members_by_name()[n].keys, zoo=ZOO) for n in hits if n in names]
-        match = try_members(canonical, members, renamed, closest)
-        if match is not None:
-            return match
+    match = try_members(canonical, signature_hits(canonical), renamed, closest)
+    if match is not None:
+        return match
     # No member has these keys and shapes: name the nearest members of families that nearly
     # cover the checkpoint, for the error message (a few builds, on the slow path only).
+    shapes = shapes_of(canonical)
     for family in catalogue()[1]:
         if coverage(patterns, family.patterns) >= MIN_FAMILY_COVERAGE:
-            nearest = by_key_count(family.variants(names), len(shapes))[:_HINT_BUILDS]
+            nearest = by_key_count(family.variants(registered()), len(shapes))[:_HINT_BUILDS]
             try_members(canonical, nearest, renamed, closest)
     return None
 
@@ -373,7 +399,31 @@ def _packed(items: list[str], indent: int, width: int = 99) -> list[str]:
     return lines
 
 
-def render(version: str, families: Mapping[str, Mapping[str, Any]]) -> str:
+def torchvision_twins(families: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """timm members that have a torchvision model's keys and shapes (stem width and classifier
+    aside): {timm name: torchvision name}."""
+    from bnfix.models import torchvision_zoo
+
+    by_signature = {}
+    for variants in torchvision_zoo.families().values():
+        for variant in variants:
+            lay = torchvision_zoo.torchvision_layout(variant.name, variant.kwargs)
+            key = (lay.stem, lay.head, signature(lay.shapes, lay.stem_key, lay.head_keys))
+            by_signature.setdefault(key, variant.name)
+    twins = {}
+    for entry in families.values():
+        for name, _keys, sig, stem, head, _bias in entry["members"]:
+            if (stem, head, sig) in by_signature:
+                twins[name] = by_signature[(stem, head, sig)]
+    return twins
+
+
+def render(
+    version: str,
+    families: Mapping[str, Mapping[str, Any]],
+    torchvision_version: str,
+    twins: Mapping[str, str],
+) -> str:
     """The catalogue as a Python module (compact, deterministic)."""
 
     def q(value: object) -> str:
@@ -390,6 +440,7 @@ def render(version: str, families: Mapping[str, Mapping[str, Any]]) -> str:
         "from typing import Any",
         "",
         f"TIMM_VERSION = {q(version)}",
+        f"TORCHVISION_VERSION = {q(torchvision_version)}",
         "",
         "FAMILIES: dict[str, dict[str, Any]] = {",
     ]
@@ -413,6 +464,11 @@ def render(version: str, families: Mapping[str, Mapping[str, Any]]) -> str:
         out.append("        },")
         out.append("    },")
     out.append("}")
+    out.append("")
+    out.append("# timm members with a torchvision model's keys and shapes: torchvision's name wins")
+    out.append("TORCHVISION_TWINS: dict[str, str] = {")
+    out += [f"    {q(name)}: {q(tv)}," for name, tv in twins.items()]
+    out.append("}")
     if any(len(line) > 100 for line in out):
         out.insert(out.index("# fmt: off"), "# ruff: noqa: E501")
     return "\n".join(out) + "\n"
@@ -420,9 +476,12 @@ def render(version: str, families: Mapping[str, Mapping[str, Any]]) -> str:
 
 def write_catalogue(path: str) -> None:
     import timm
+    import torchvision
 
+    families = survey()
+    text = render(timm.__version__, families, torchvision.__version__, torchvision_twins(families))
     with open(path, "w", encoding="utf-8") as file:
-        file.write(render(timm.__version__, survey()))
+        file.write(text)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,25 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
     "s3d": _plain(("s3d", 387)),
 }
 
+# Every member's stem weight key, per family (tests check it). A checkpoint without it cannot
+# fit any member, so the family is skipped before its representative is built: a timm or
+# unrelated checkpoint builds few torchvision models, or none.
+STEM_KEYS: dict[str, str] = {
+    "resnet": "conv1.weight",
+    "mobilenet_v2": "features.0.0.weight",
+    "mobilenet_v3": "features.0.0.weight",
+    "efficientnet": "features.0.0.weight",
+    "regnet": "stem.0.weight",
+    "densenet": "features.conv0.weight",
+    "vgg_bn": "features.0.weight",
+    "mnasnet": "layers.0.weight",
+    "shufflenet_v2": "conv1.0.weight",
+    "googlenet": "conv1.conv.weight",
+    "inception_v3": "Conv2d_1a_3x3.conv.weight",
+    "video_resnet": "stem.0.weight",
+    "s3d": "features.0.0.0.weight",
+}
+
 
 @cache
 def names() -> frozenset[str]:
@@ -178,12 +197,16 @@ def search(
 ) -> Match | None:
     """Try families that fully cover the checkpoint's patterns, then those that mostly do.
 
-    Representatives are built lazily, so a ResNet checkpoint builds only ResNets. The second
-    pass only matters should a future torchvision member outgrow its representative.
+    Representatives are built lazily and only for families whose stem key the checkpoint
+    has, so a ResNet checkpoint builds only ResNets. The second pass only matters should a
+    future torchvision member outgrow its representative.
     """
     keys = len(shapes_of(canonical))
     partial = []
-    for members in families().values():
+    for family, members in families().items():
+        stem_key = STEM_KEYS.get(family)
+        if stem_key is not None and stem_key not in canonical:
+            continue
         covers = coverage(patterns, layout(members[0]).patterns)
         if covers == 1.0:
             match = try_members(canonical, by_key_count(members, keys), renamed, closest)
