@@ -13,6 +13,47 @@ import click
 
 from bnfix.errors import BnfixError
 
+#: What a bare ``--compare`` stands for: ``none`` and the configured mask rule.
+BARE = "\0bare"
+
+
+def _split_compare(overrides: list[str], compare: str | None) -> tuple[list[str], bool | str]:
+    """``--compare`` takes an optional list of arms; a bare ``--compare`` followed by an
+    override (``--compare mask.rho=0``) hands the override back: arm names never hold '='."""
+    if compare is None:
+        return overrides, False
+    if compare == BARE:
+        return overrides, True
+    if "=" in compare:
+        return [compare, *overrides], True
+    return overrides, compare
+
+
+def _seed_list(text: str) -> list[int]:
+    """``0,1,2`` -> [0, 1, 2]; empty -> [] (refused by the config check, in its words)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    for item in items:
+        if not item.isdigit():
+            raise BnfixError(
+                f"--seeds: {item!r} is not a seed; give integers ≥ 0 separated by commas, "
+                "e.g. --seeds 0,1,2"
+            )
+    return [int(t) for t in items]
+
+
+def _plot_only(out: Path) -> None:
+    if not out.is_dir():
+        raise BnfixError("--plot-only: no such run folder", out)
+    try:
+        from bnfix.fusion.plot import plot_run
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("matplotlib"):
+            raise BnfixError(
+                "--plot-only needs matplotlib: pip install 'bnfix[plot]'"
+            ) from None
+        raise
+    click.echo(f"wrote {plot_run(out)}")
+
 
 @click.command(
     "fusion-tune",
@@ -23,9 +64,8 @@ from bnfix.errors import BnfixError
 @click.option(
     "--config",
     "config_path",
-    required=True,
     type=click.Path(path_type=Path),
-    help="TOML config (see examples/fusion_tune.toml).",
+    help="TOML config (see examples/fusion_tune.toml); required unless --plot-only.",
 )
 @click.argument("overrides", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
 @click.option(
@@ -39,29 +79,62 @@ from bnfix.errors import BnfixError
 @click.option("--force", is_flag=True, help="Start over in a non-empty run.out_dir.")
 @click.option(
     "--compare",
-    is_flag=True,
-    help="Also run stage 2 with mask rule none from the same stage 1; print both.",
+    "compare",
+    is_flag=False,
+    flag_value=BARE,
+    default=None,
+    metavar="[ARMS]",
+    help="Run several stage-2 arms from the same stage 1 and print them side by side: a "
+    "comma-separated list of none, adaptive, mean, reference, ogm-ge, RULE+ogm-ge, ensemble "
+    "(the first is the baseline of the paired differences). Bare --compare: none and "
+    "mask.rule.",
+)
+@click.option(
+    "--seeds",
+    "seeds",
+    metavar="LIST",
+    default=None,
+    help="Run the whole configuration once per seed, e.g. --seeds 0,1,2 (same as "
+    "run.seeds=[0,1,2]): means, 95%% Student-t intervals and paired differences.",
+)
+@click.option(
+    "--plot-only",
+    "plot_only",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="OUT_DIR",
+    help="Redraw OUT_DIR/summary.png from a finished run (needs the plot extra); trains nothing.",
 )
 def fusion_tune(
-    config_path: Path,
+    config_path: Path | None,
     overrides: tuple[str, ...],
     stage: str,
     resume: bool,
     force: bool,
-    compare: bool,
+    compare: str | None,
+    seeds: str | None,
+    plot_only: Path | None,
 ) -> None:
     """Two-stage Fusion Tuning (FusT) of an audio-visual model."""
     from bnfix.fusion.config import load_config
     from bnfix.fusion.distributed import rank_from_env
 
     try:
-        config = load_config(config_path, list(overrides))
+        if plot_only is not None:
+            _plot_only(plot_only)
+            return
+        if config_path is None:
+            raise BnfixError("--config FILE.toml is required (or --plot-only OUT_DIR)")
+        overrides, arms = _split_compare(list(overrides), compare)
+        if seeds is not None:
+            overrides.append(f"run.seeds=[{seeds}]" if _seed_list(seeds) else "run.seeds=[]")
+        config = load_config(config_path, overrides)
         if resume and force:
             raise BnfixError("--resume and --force contradict each other; pass one")
         from bnfix.cli import make_console
         from bnfix.fusion.run import fusion_tune as run
 
-        run(config, stage=stage, resume=resume, force=force, compare=compare,
+        run(config, stage=stage, resume=resume, force=force, compare=arms,
             console=make_console())  # fmt: skip
     except BnfixError:
         if rank_from_env() != 0:  # rank 0 says it; the other ranks exit quietly

@@ -27,6 +27,7 @@ __all__ = [
     "RULES",
     "SCHEDULERS",
     "AudioConfig",
+    "BalanceConfig",
     "DataConfig",
     "FusionConfig",
     "MaskConfig",
@@ -130,9 +131,26 @@ class MaskConfig:
 
 
 @dataclass(frozen=True)
+class BalanceConfig:
+    """OGM-GE (arm ``ogm-ge``): modulation strength and its window of stage-2 epochs
+    (1-based, both ends included; ``end_epoch`` unset: to the last epoch)."""
+
+    alpha: float = 0.5
+    start_epoch: int = 1
+    end_epoch: int | None = None
+
+    def active(self, epoch: int) -> bool:
+        """Whether 1-based ``epoch`` is inside the modulation window."""
+        return self.start_epoch <= epoch and (self.end_epoch is None or epoch <= self.end_epoch)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out_dir: Path = Path("runs/fusion")
     seed: int = 0
+    # Several seeds: the whole configuration once per seed in out_dir/seed-<k>/, summarised
+    # over seeds (mean, Student-t interval, paired differences). Unset: one run with ``seed``.
+    seeds: tuple[int, ...] | None = None
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     workers: int = 0  # DataLoader worker processes; features are in memory, 0 is usually best
@@ -145,6 +163,7 @@ class FusionConfig:
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: Path | None = field(default=None, compare=False)  # the TOML file, for messages
 
@@ -268,6 +287,18 @@ def _pair(element: Check, what: str) -> Check:
     return check
 
 
+def _seeds(v: Any, _base: Path) -> tuple[int, ...]:
+    """A non-empty list of distinct non-negative integers."""
+    what = "must be a non-empty list of distinct integers ≥ 0, e.g. [0, 1, 2]"
+    if not isinstance(v, list) or not v:
+        raise ValueError(what)
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in v):
+        raise ValueError(what)
+    if len(set(v)) != len(v):
+        raise ValueError(f"{what} (a seed is listed twice)")
+    return tuple(v)
+
+
 def _size_pair(v: Any, base: Path) -> tuple[int, int]:
     if not isinstance(v, list) or len(v) != 2:
         raise ValueError("must be two positive integers [height, width]")
@@ -317,9 +348,15 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "audio_patch": _size_pair,
         "visual_patch": _size_pair,
     },
+    "balance": {
+        "alpha": _number(0),
+        "start_epoch": _integer(1),
+        "end_epoch": _optional(_integer(1)),
+    },
     "run": {
         "out_dir": _path,
         "seed": _integer(0),
+        "seeds": _seeds,
         "device": _choice(*DEVICES),
         "amp": _boolean,
         "workers": _integer(0, 64),
@@ -423,6 +460,15 @@ def _build(flat: Mapping[str, _Value], base: Path, source: Path | None) -> Fusio
     checked.setdefault("data.cache_dir", checked["data.manifest"].parent / ".bnfix-cache")
     checked.setdefault("run.out_dir", (base / RunConfig.out_dir).resolve())
     config = _assemble(FusionConfig(), "", checked)
+    b = config.balance
+    if b.end_epoch is not None and b.end_epoch < b.start_epoch:
+        origin = flat.get("balance.end_epoch") or flat.get("balance.start_epoch")
+        where = source if origin is not None and origin.origin == "the config file" else None
+        raise BnfixError(
+            f"balance.end_epoch ({b.end_epoch}) must be ≥ balance.start_epoch "
+            f"({b.start_epoch})",
+            where,
+        )
     return replace(config, source=source)
 
 

@@ -59,6 +59,15 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def sum_tensor(self, tensor: Tensor) -> Tensor:
+        """Element-wise sum over ranks of a tensor, on its own device (no host round trip on
+        CUDA; gloo reduces CPU tensors)."""
+        if not self.active:
+            return tensor
+        local = tensor.to(self._comm_device)
+        dist.all_reduce(local)
+        return local.to(tensor.device)
+
     def gather(self, tensor: Tensor) -> Tensor:
         """Concatenate equal-length 1-D tensors from all ranks, in rank order (on the CPU)."""
         if not self.active:

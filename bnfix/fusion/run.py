@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ from rich.table import Table
 
 from bnfix.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from bnfix.errors import BnfixError, one_line
+from bnfix.fusion.arms import Arm, arm_phase, parse_arms
 from bnfix.fusion.config import FusionConfig, diff_configs, load_config, render_toml
 from bnfix.fusion.distributed import Dist, setup, teardown
 from bnfix.jsonio import dumps
@@ -54,9 +55,11 @@ __all__ = ["RunDir", "derive_seed", "fusion_tune", "plan_phases"]
 STOP_AFTER_ENV = "_BNFIX_FUSION_STOP_AFTER"
 STOPPED_EXIT = 75
 KNOWN_OUTPUTS = (
-    "config.toml", "classes.json", "metrics.jsonl", "summary.json", "stage1", "stage2",
-    "stage2-none",
+    "config.toml", "classes.json", "metrics.jsonl", "summary.json", "summary.png", "stage1",
+    "stage2", "ensemble",
 )  # fmt: skip
+#: Epochs trained by this process (all seeds), for the STOP_AFTER_ENV test hook.
+_EPOCHS_RUN = [0]
 #: Keys that may differ when a run continues: they change where and how fast it runs, not its
 #: results (on the CPU), so a run folder can be moved, or resumed with another cache or device.
 NON_RESULT_KEYS = ("run.out_dir", "data.cache_dir", "run.device", "run.workers", "run.amp")
@@ -161,7 +164,6 @@ class RunDir:
         # so that stage-2 arms of one seed share every other random number.
         self.generator = torch.Generator(device=dist.device)
         self._arm_generators: dict[str, torch.Generator] = {}
-        self.epochs_run = 0
         stop = os.environ.get(STOP_AFTER_ENV, "")
         self.stop_after = int(stop) if stop.isdigit() else None
 
@@ -315,11 +317,11 @@ class RunDir:
             buffer = io.BytesIO()
             torch.save(state, buffer)
             write_atomic(folder / "last.pt", buffer.getvalue())
-        self.epochs_run += 1
-        if self.stop_after is not None and self.epochs_run >= self.stop_after:
+        _EPOCHS_RUN[0] += 1  # over every seed of the invocation
+        if self.stop_after is not None and _EPOCHS_RUN[0] >= self.stop_after:
             self.dist.barrier()
             if self.dist.main:
-                self.console.print(f"stopping after {self.epochs_run} epochs ({STOP_AFTER_ENV})")
+                self.console.print(f"stopping after {_EPOCHS_RUN[0]} epochs ({STOP_AFTER_ENV})")
             sys.stdout.flush()
             os._exit(STOPPED_EXIT)
 
@@ -392,20 +394,29 @@ def _header(config: FusionConfig) -> list[str]:
 # Planning and checking the out_dir
 
 
-def plan_phases(modalities: tuple[str, ...], stage: str, rule: str, compare: bool) -> list[str]:
-    """Which phases this invocation runs, in order."""
+def plan_phases(
+    modalities: tuple[str, ...], stage: str, rule: str, arms: list[Arm] | bool
+) -> list[str]:
+    """Which phases this invocation runs, in order (``arms``: the ``--compare`` arms)."""
+    if isinstance(arms, bool):  # the older signature: compare True/False
+        arms = parse_arms(arms, rule)
     both = set(modalities) == {"audio", "visual"}
     if stage == "2" and not both:
         raise BnfixError(
             f"--stage 2 needs audio and visual; the manifest has only {', '.join(modalities)}"
         )
-    if compare and not both:
-        raise BnfixError("--compare needs a manifest with both audio and visual")
+    if arms and not both:
+        names = ",".join(a.name for a in arms)
+        raise BnfixError(
+            f"--compare {names} needs a manifest with both audio and visual; this one has only "
+            f"{', '.join(modalities)}"
+        )
     phases = [f"stage1/{m}" for m in modalities] if stage in ("1", "all") else []
     if stage in ("2", "all") and both:
-        phases.append("stage2")
-        if compare and rule != "none":
-            phases.append("stage2-none")
+        if arms:
+            phases.extend(arm_phase(arm, rule) for arm in arms)
+        else:
+            phases.append("stage2")
     return phases
 
 
@@ -446,7 +457,8 @@ def check_out_dir(
         # Even with --force: stage 2 starts from this stage 1's encoders and confidences, and
         # config.toml must go on describing the stage 1 that is in the folder.
         previous = _check_same_config(
-            config, saved, (*NON_RESULT_KEYS, *_keys_of("stage2"), *_keys_of("mask")),
+            config, saved,
+            (*NON_RESULT_KEYS, *_keys_of("stage2"), *_keys_of("mask"), *_keys_of("balance")),
             "stage 2 starts from the stage 1 in run.out_dir: use its stage-1 settings, or "
             "redo stage 1 (--stage 1 --force)",
         )  # fmt: skip
@@ -633,10 +645,19 @@ def _is_record(line: str) -> bool:
     return isinstance(record, dict) and "phase" in record and "epoch" in record
 
 
+def is_output(name: str) -> bool:
+    """A name bnfix writes in a run folder (what --force may delete)."""
+    return (
+        name in KNOWN_OUTPUTS
+        or name.startswith("stage2-")
+        or (name.startswith("seed-") and name[5:].isdigit())
+    )
+
+
 def _clear(config: FusionConfig, phases: list[str], stage: str) -> None:
     """--force: remove what bnfix wrote (never anything else) for the phases about to run."""
     out = config.run.out_dir
-    names = KNOWN_OUTPUTS if stage != "2" else tuple(phases)
+    names = [n for n in _entries(out) if is_output(n)] if stage != "2" else phases
     for name in names:
         path = out / name
         if path.is_dir():
@@ -659,10 +680,16 @@ def fusion_tune(
     stage: str = "all",
     resume: bool = False,
     force: bool = False,
-    compare: bool = False,
+    compare: bool | str | list[str] = False,
     console: Console | None = None,
+    plot: bool = True,
 ) -> dict[str, Any]:
     """Run the planned phases; returns the summary (also written to summary.json).
+
+    ``compare``: True for ``none`` and the configured rule, or a list of arms (a list or a
+    comma-separated string, see :mod:`bnfix.fusion.arms`). With ``run.seeds`` the whole
+    configuration runs once per seed in ``out_dir/seed-<k>/`` and the top-level summary holds
+    the statistics over seeds. ``plot``: write ``summary.png`` when matplotlib is installed.
 
     Works alone or under ``torchrun`` (one call per process). Everything that can fail on bad
     input is checked before the first file is written in ``run.out_dir``.
@@ -671,48 +698,65 @@ def fusion_tune(
 
     if resume and force:
         raise BnfixError("--resume and --force contradict each other; pass one")
+    arms = parse_arms(compare, config.mask.rule)
     manifest = read_manifest(config.manifest)
-    phases = plan_phases(manifest.modalities, stage, config.mask.rule, compare)
+    # A bare --compare trains the configured rule first (stage2/), then none, as it always
+    # did; a list of arms trains them in its order. Tables show the arms in --compare order.
+    order = arms[::-1] if compare is True else arms
+    phases = plan_phases(manifest.modalities, stage, config.mask.rule, order)
+    _EPOCHS_RUN[0] = 0
     d = setup(config.run.device)
     try:
-        return _run(config, manifest, phases, stage, resume, force, d, console)
+        console = console or Console()
+        if not d.main:
+            console = Console(quiet=True)
+        if config.run.seeds is None:
+            return _run(config, manifest, phases, arms, stage, resume, force, d, console, plot)
+        return _run_seeds(config, manifest, phases, arms, stage, resume, force, d, console, plot)
     finally:
         teardown(d)
 
 
-def _run(
-    config: FusionConfig,
-    manifest: Any,
-    phases: list[str],
-    stage: str,
-    resume: bool,
-    force: bool,
-    d: Dist,
-    console: Console | None,
-) -> dict[str, Any]:
-    from bnfix.fusion.features import VisualOptions, load_features
-    from bnfix.fusion.model import build_encoder
-    from bnfix.fusion.stages import Context, run_stage1, run_stage2
-    from bnfix.probe_audio import AudioOptions
+@dataclass
+class _Job:
+    """One seed's run, checked: its config (recorded values filled in) and how it starts."""
 
-    console = console or Console()
-    if not d.main:
-        console = Console(quiet=True)
+    config: FusionConfig
+    previous: FusionConfig | None
+    computed: list[str]
+    resume: bool
+    force: bool
+
+
+def _check(
+    config: FusionConfig, manifest: Any, phases: list[str], stage: str, resume: bool,
+    force: bool, d: Dist,
+) -> _Job:  # fmt: skip
     previous = check_out_dir(
         config, phases, stage, resume, force, world=d.world, classes=manifest.classes
     )
     computed = _computed_stats(config, previous)
-    config = with_recorded(config, previous)
-    if d.main:  # an out_dir that cannot be made fails now, not after the features are computed
+    return _Job(with_recorded(config, previous), previous, computed, resume, force)
+
+
+def _make_out_dir(out: Path, d: Dist) -> None:
+    """An out_dir that cannot be made fails now, not after the features are computed."""
+    if d.main:
         try:
-            config.run.out_dir.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise BnfixError(
-                f"run.out_dir: cannot create the folder ({exc.strerror or exc})",
-                config.run.out_dir,
+                f"run.out_dir: cannot create the folder ({exc.strerror or exc})", out
             ) from None
     d.barrier()  # every rank has checked before rank 0 writes anything
-    # Architectures, init checkpoints and input sizes, before any file is written.
+
+
+def _load(config: FusionConfig, manifest: Any, d: Dist, console: Console) -> FeatureSet:
+    """Check the architectures and inits, then the features (rank 0 fills the cache)."""
+    from bnfix.fusion.features import VisualOptions, load_features
+    from bnfix.fusion.model import build_encoder
+    from bnfix.probe_audio import AudioOptions
+
     a, v = config.data.audio, config.data.visual
     shapes = {"audio": (1, a.target_frames, a.mel_bins), "visual": (3, v.size, v.size)}
     for modality in manifest.modalities:
@@ -733,38 +777,169 @@ def _run(
             features = load_features(manifest, audio, visual, config.data.cache_dir, console)
         d.barrier()
     assert features is not None
-    config = _resolved(config, features)
+    return features
+
+
+def _run(
+    config: FusionConfig, manifest: Any, phases: list[str], arms: list[Arm], stage: str,
+    resume: bool, force: bool, d: Dist, console: Console, plot: bool,
+) -> dict[str, Any]:  # fmt: skip
+    job = _check(config, manifest, phases, stage, resume, force, d)
+    _make_out_dir(job.config.run.out_dir, d)
+    features = _load(job.config, manifest, d, console)
+    summary = _run_phases(job, features, phases, arms, stage, d, console)
+    if d.main:
+        if "compare" in summary:
+            print_compare(console, summary["compare"], bare=_is_bare(arms, config))
+        if plot:
+            _plot(job.config.run.out_dir, console)
+        console.print(f"wrote {job.config.run.out_dir}", highlight=False)
+    return summary
+
+
+def _is_bare(arms: list[Arm], config: FusionConfig) -> bool:
+    return [a.name for a in arms] == [a.name for a in parse_arms(True, config.mask.rule)]
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed-{seed}"
+
+
+def _seed_config(config: FusionConfig, seed: int) -> FusionConfig:
+    """One seed's run: its own folder, ``run.seed`` = the seed, no seed list."""
+    run = replace(config.run, seed=seed, seeds=None, out_dir=seed_dir(config.run.out_dir, seed))
+    return replace(config, run=run)
+
+
+def _check_top(config: FusionConfig, stage: str, resume: bool, force: bool) -> None:
+    """The multi-seed folder itself: not clobbered, continued only as the same configuration
+    (the seed list may grow: the seeds run so far are kept, new ones start)."""
+    out = config.run.out_dir
+    if out.exists() and not out.is_dir():
+        raise BnfixError("run.out_dir exists and is not a folder", out)
+    saved = out / "config.toml"
+    if not resume and stage != "2":
+        entries = _entries(out)
+        if entries and not force:
+            raise BnfixError(
+                f"run.out_dir is not empty ({', '.join(entries[:3])}"
+                f"{', …' if len(entries) > 3 else ''}): pass --resume to continue the run in "
+                "it, or --force to start over",
+                out,
+            )
+        return
+    if not saved.exists():
+        if stage == "2":
+            raise BnfixError(
+                "--stage 2 needs a finished stage 1 in run.out_dir (missing: config.toml); run "
+                "--stage 1 first",
+                out,
+            )
+        raise BnfixError("nothing to resume: no config.toml from an earlier run here", out)
+    try:
+        previous = load_config(saved)
+    except BnfixError as exc:
+        raise BnfixError(f"cannot read the earlier run's config: {exc}") from None
+    if previous.run.seeds is None:
+        raise BnfixError(
+            "run.out_dir holds a single-seed run (its config.toml has no run.seeds): continue "
+            "it without run.seeds, or use another run.out_dir for several seeds",
+            out,
+        )
+    ignore = (*NON_RESULT_KEYS, "run.seed", "run.seeds")
+    if stage == "2" and not resume:
+        ignore = (*ignore, *_keys_of("stage2"), *_keys_of("mask"), *_keys_of("balance"))
+    _check_same_config(
+        config, saved, ignore,
+        "continue a run with the config it was started with, or pass --force to start over",
+    )  # fmt: skip
+
+
+def _run_seeds(
+    config: FusionConfig, manifest: Any, phases: list[str], arms: list[Arm], stage: str,
+    resume: bool, force: bool, d: Dist, console: Console, plot: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Each seed in ``out_dir/seed-<k>/`` (resumable as one run), then the statistics."""
+    out = config.run.out_dir
+    seeds = list(config.run.seeds or ())
+    _check_top(config, stage, resume, force)
+    jobs = []
+    for seed in seeds:
+        sub = _seed_config(config, seed)
+        # --resume continues the seeds that started and starts the others (a grown seed list)
+        started = (sub.run.out_dir / "config.toml").exists()
+        jobs.append(_check(sub, manifest, phases, stage, resume and started, force, d))
+    _make_out_dir(out, d)
+    recorded = next((j.config for j in jobs if j.previous is not None), config)
+    features = _load(recorded, manifest, d, console)
+    if d.main:
+        if force and stage != "2":
+            for name in [n for n in _entries(out) if is_output(n)]:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        norm = normalisation(features)
+        top = _resolved(with_recorded(config, recorded), features)
+        header = _header(top) + _normalisation_note(norm, jobs[0].computed)
+        write_atomic(out / "config.toml", render_toml(top, header).encode())
+        console.print(
+            f"fusion-tune: seeds {', '.join(map(str, seeds))}, each in {out}/seed-<k>/",
+            highlight=False,
+        )
+    d.barrier()
+    runs = {}
+    for seed, job in zip(seeds, jobs, strict=True):
+        if d.main:
+            console.rule(f"seed {seed}")
+        runs[seed] = _run_phases(job, features, phases, arms, stage, d, console)
+    summary = aggregate(runs, [a.name for a in arms])
+    if d.main:
+        write_atomic(out / "summary.json", (dumps(summary, indent=1) + "\n").encode())
+        print_seed_stats(console, summary, [a.name for a in arms])
+        if plot:
+            _plot(out, console)
+        console.print(f"wrote {out}", highlight=False)
+    d.barrier()
+    return summary
+
+
+def _run_phases(
+    job: _Job, features: FeatureSet, phases: list[str], arms: list[Arm], stage: str, d: Dist,
+    console: Console,
+) -> dict[str, Any]:  # fmt: skip
+    """One seed's phases in its folder; returns its summary (also its summary.json)."""
+    from bnfix.fusion.stages import Context, run_ensemble, run_stage1, run_stage2
+
+    config = _resolved(job.config, features)
     norm = normalisation(features)
     classes = class_table(features)
     out = config.run.out_dir
     rundir = RunDir(out, d, config.run.seed, console)
     if d.main:
-        if force:
+        if job.force:
             _clear(config, phases, stage)
         out.mkdir(parents=True, exist_ok=True)
         rundir.repair_metrics()
-        header = _header(config) + _normalisation_note(norm, computed)
+        header = _header(config) + _normalisation_note(norm, job.computed)
         write_atomic(out / "config.toml", render_toml(config, header).encode())
         rundir._write_json(out / "classes.json", classes)
         _describe(console, config, features, phases, d)
         _print_classes(console, classes)
     d.barrier()
-    ctx = Context(config, features, d, console, rundir, resume=resume)
+    ctx = Context(config, features, d, console, rundir, resume=job.resume)
+    by_phase = {arm_phase(arm, config.mask.rule): arm for arm in arms}
     for phase in phases:
         if phase.startswith("stage1/"):
             run_stage1(ctx, phase.removeprefix("stage1/"))
+        elif phase in by_phase and by_phase[phase].ensemble:
+            run_ensemble(ctx, phase)
         else:
-            rule = "none" if phase == "stage2-none" else config.mask.rule
-            run_stage2(ctx, rule, phase)
-    summary = {"classes": classes}
+            run_stage2(ctx, by_phase.get(phase) or parse_arms([config.mask.rule], "")[0], phase)
+    summary: dict[str, Any] = {"classes": classes}
     if norm:
         summary["audio_normalisation"] = norm
-    summary.update(summarise(rundir, config.mask.rule))
+    summary.update(summarise(rundir, config.mask.rule, arms))
     if d.main:
         rundir._write_json(out / "summary.json", summary)
-        if "compare" in summary:
-            print_compare(console, summary["compare"])
-        console.print(f"wrote {out}", highlight=False)
     return summary
 
 
@@ -846,8 +1021,13 @@ def _print_classes(console: Console, classes: dict[str, Any]) -> None:
         )
 
 
-def summarise(rundir: RunDir, rule: str) -> dict[str, Any]:
-    """summary.json from the finished phases' results."""
+def _arm_summary(result: dict[str, Any]) -> dict[str, Any]:
+    keys = ("val", "test", "probe", "mask", "contribution", "ogm")
+    return {k: result[k] for k in keys if k in result}
+
+
+def summarise(rundir: RunDir, rule: str, arms: list[Arm] | None = None) -> dict[str, Any]:
+    """summary.json from the finished phases' results (``compare``: the requested arms)."""
     summary: dict[str, Any] = {"stage1": {}}
     for modality in ("audio", "visual"):
         result = rundir.result(f"stage1/{modality}")
@@ -855,43 +1035,183 @@ def summarise(rundir: RunDir, rule: str) -> dict[str, Any]:
             summary["stage1"][modality] = {"val": result["val"], "test": result["test"]}
     main = rundir.result("stage2")
     if main is not None:
-        summary["stage2"] = {"val": main["val"], "test": main["test"], "probe": main["probe"]}
-        summary["mask"] = main["mask"]
-    baseline = rundir.result("stage2-none")
-    if main is not None and baseline is not None:
-        summary["compare"] = {
-            r: {"test": res["test"], "probe": res["probe"], "mask": res["mask"]}
-            for r, res in (("none", baseline), (rule, main))
+        summary["stage2"] = {
+            k: v for k, v in _arm_summary(main).items() if k not in ("mask", "ogm")
         }
+        summary["mask"] = main["mask"]
+    compare = {}
+    for arm in arms or ():
+        result = rundir.result(arm_phase(arm, rule))
+        if result is not None:
+            compare[arm.name] = _arm_summary(result)
+    if compare:
+        summary["compare"] = compare
     summary["versions"] = _version_meta()
     return summary
 
 
-def print_compare(console: Console, compare: dict[str, Any]) -> None:
-    """Stage 2 without and with masking, side by side."""
-    rules = list(compare)
-    table = Table(title="stage 2: plain joint training vs masked (test accuracy)")
+#: summary keys that describe the run rather than measure it (left out of the statistics).
+NOT_MEASURED = ("classes", "versions", "audio_normalisation")
+
+
+def aggregate(runs: dict[int, dict[str, Any]], arms: list[str]) -> dict[str, Any]:
+    """The multi-seed summary: ``seeds``, ``runs`` (seed -> its summary), ``stats`` (every
+    number -> {mean, std, ci95, n} over seeds), ``paired`` (each arm minus the first arm)."""
+    from bnfix.fusion.stats import paired, stats_tree
+
+    seeds = list(runs)
+    first = runs[seeds[0]]
+    measured = [{k: v for k, v in run.items() if k not in NOT_MEASURED} for run in runs.values()]
+    summary: dict[str, Any] = {
+        "seeds": seeds,
+        "arms": arms,
+        "classes": first["classes"],
+    }
+    if "audio_normalisation" in first:
+        summary["audio_normalisation"] = first["audio_normalisation"]
+    summary["runs"] = {str(seed): run for seed, run in runs.items()}
+    summary["stats"] = stats_tree(measured) or {}
+    if len(arms) >= 2:
+        summary["paired"] = paired([run.get("compare", {}) for run in runs.values()], arms)
+    summary["versions"] = _version_meta()
+    return summary
+
+
+def _arm_header(name: str) -> str:
+    from bnfix.fusion.arms import MASK_RULES
+
+    return f"rule {name}" if name in MASK_RULES else name
+
+
+COMPARE_ROWS = (
+    ("fused", ("test", "fused")),
+    ("audio-only (fusion head)", ("test", "audio")),
+    ("visual-only (fusion head)", ("test", "visual")),
+    ("linear probe, audio encoder", ("probe", "audio")),
+    ("linear probe, visual encoder", ("probe", "visual")),
+    ("Shapley share of audio (test)", ("contribution", "test", "share_audio")),
+)
+
+
+def _dig(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, Mapping):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def print_compare(console: Console, compare: dict[str, Any], bare: bool = True) -> None:
+    """The stage-2 arms of one seed, side by side."""
+    arms = list(compare)
+    title = (
+        "stage 2: plain joint training vs masked (test accuracy)"
+        if bare
+        else "stage-2 arms from one stage 1 (test accuracy)"
+    )
+    table = Table(title=title)
     table.add_column("")
-    for rule in rules:
-        table.add_column(f"rule {rule}", justify="right")
-    rows = [
-        ("fused", lambda r: r["test"]["fused"]),
-        ("audio-only (fusion head)", lambda r: r["test"]["audio"]),
-        ("visual-only (fusion head)", lambda r: r["test"]["visual"]),
-        ("linear probe, audio encoder", lambda r: r["probe"]["audio"]),
-        ("linear probe, visual encoder", lambda r: r["probe"]["visual"]),
-    ]
-    for name, get in rows:
-        table.add_row(name, *(_pct(get(compare[rule])) for rule in rules))
+    for arm in arms:
+        table.add_column(_arm_header(arm), justify="right")
+    for name, path in COMPARE_ROWS:
+        values = [_dig(compare[arm], path) for arm in arms]
+        if all(v is None for v in values) and path[0] == "contribution":
+            continue
+        table.add_row(name, *(_pct(v) for v in values))
     table.add_row(
         "samples masked (audio / visual)",
         *(
             f"{compare[r]['mask']['audio_masked_fraction']:.0%} / "
             f"{compare[r]['mask']['visual_masked_fraction']:.0%}"
-            for r in rules
+            for r in arms
         ),
     )
     console.print(table)
+
+
+def _pm(stats: Any) -> str:
+    """mean ± half-width of the 95% interval, in percent points."""
+    if not isinstance(stats, Mapping) or stats.get("mean") is None:
+        return "n/a"
+    mean = 100 * stats["mean"]
+    if not stats.get("ci95"):
+        return f"{mean:.1f}%"
+    half = 100 * (stats["ci95"][1] - stats["ci95"][0]) / 2
+    return f"{mean:.1f} ± {half:.1f}%"
+
+
+def _diff(stats: Mapping[str, Any]) -> str:
+    if stats.get("mean") is None:
+        return "n/a"
+    text = f"{100 * stats['mean']:+.1f}"
+    if stats.get("ci95"):
+        lo, hi = stats["ci95"]
+        text += f" [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return text + f" {stats['wins']}W/{stats['losses']}L"
+
+
+def print_seed_stats(console: Console, summary: dict[str, Any], arms: list[str]) -> None:
+    """Means ± 95% Student-t half-widths over seeds; with arms, the paired differences too."""
+    stats, n = summary["stats"], len(summary["seeds"])
+    over = f"mean ± 95% interval over {n} seed{'s' if n != 1 else ''}"
+    compare = stats.get("compare") or {}
+    if compare:
+        table = Table(title=f"stage-2 arms, test accuracy ({over})")
+        table.add_column("")
+        for arm in compare:
+            table.add_column(_arm_header(arm), justify="right")
+        for name, path in COMPARE_ROWS:
+            values = [_dig(compare[arm], path) for arm in compare]
+            if all(v is None for v in values) and path[0] == "contribution":
+                continue
+            table.add_row(name, *(_pm(v) for v in values))
+        console.print(table)
+    else:
+        table = Table(title=f"test accuracy ({over})")
+        table.add_column("")
+        table.add_column("", justify="right")
+        for name, path in (
+            ("stage 1 audio", ("stage1", "audio", "test")),
+            ("stage 1 visual", ("stage1", "visual", "test")),
+            ("stage 2 fused", ("stage2", "test", "fused")),
+            ("stage 2 audio-only (fusion head)", ("stage2", "test", "audio")),
+            ("stage 2 visual-only (fusion head)", ("stage2", "test", "visual")),
+            ("linear probe, audio encoder", ("stage2", "probe", "audio")),
+            ("linear probe, visual encoder", ("stage2", "probe", "visual")),
+        ):
+            value = _dig(stats, path)
+            if value is not None:
+                table.add_row(name, _pm(value))
+        console.print(table)
+    pairs = summary.get("paired") or {}
+    if pairs:
+        table = Table(
+            title=f"paired differences vs {arms[0]} (points; mean [95% interval], seeds won/lost)"
+        )
+        table.add_column("")
+        for pair in pairs:
+            table.add_column(pair, justify="right")
+        first = next(iter(pairs.values()))
+        for metric in first:
+            table.add_row(metric, *(_diff(pairs[p][metric]) for p in pairs))
+        console.print(table)
+
+
+def _plot(out: Path, console: Console) -> None:
+    """summary.png when matplotlib (the ``plot`` extra) is installed; a note otherwise."""
+    try:
+        from bnfix.fusion.plot import plot_run
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("matplotlib"):
+            console.print(
+                "note: matplotlib is not installed, so no summary.png (pip install "
+                "'bnfix[plot]'; then bnfix fusion-tune --plot-only OUT_DIR)",
+                highlight=False,
+            )
+            return
+        raise
+    path = plot_run(out)
+    console.print(f"plot: {path}", highlight=False)
 
 
 def _pct(value: float | None) -> str:

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from bnfix.errors import BnfixError
-from bnfix.fusion import augment, masking
+from bnfix.fusion import augment, balance, masking
+from bnfix.fusion.arms import Arm
 from bnfix.fusion.config import FusionConfig, StageConfig
 from bnfix.fusion.distributed import Dist, EpochBatches
 from bnfix.fusion.features import FeatureSet
@@ -42,7 +43,8 @@ from bnfix.fusion.model import (
     load_stage1_encoder,
 )
 
-__all__ = ["STAGE2", "Context", "input_meta", "run_stage1", "run_stage2"]
+__all__ = ["STAGE2", "Context", "contribution", "input_meta", "run_ensemble", "run_stage1",
+           "run_stage2"]  # fmt: skip
 
 #: The name stage-2 arms seed their shared random streams from (the configured rule's phase).
 STAGE2 = "stage2"
@@ -529,13 +531,16 @@ def _masked_fraction(ratios: Tensor, n_patches: int) -> float:
 
 
 def _train_epoch_fusion(
-    ctx: Context, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-    ratios: tuple[Tensor, Tensor] | None, gen: torch.Generator, mask_gen: torch.Generator,
-    label: str,
+    ctx: Context, net: nn.Module, model: FusionModel, optimizer: torch.optim.Optimizer,
+    loader: DataLoader, ratios: tuple[Tensor, Tensor] | None, gen: torch.Generator,
+    mask_gen: torch.Generator, ogm: tuple[float, torch.Generator] | None, label: str,
 ) -> dict[str, float]:  # fmt: skip
-    model.train()
+    """One pass; ``ogm``: (alpha, noise generator) when OGM-GE modulates this epoch."""
+    net.train()
     m = ctx.config.mask
     sums = _Sums(ctx.device)
+    coeff_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    steps = 0
     with _Bar(ctx, label, loader.batch_sampler.samples * ctx.dist.world) as bar:  # type: ignore[union-attr]
         for batch in loader:
             a = _inputs(ctx, batch, "audio", True, gen)
@@ -548,53 +553,88 @@ def _train_epoch_fusion(
                 v = masking.mask_patches(v, r_v, m.visual_patch, mask_gen)
             y = batch["label"].to(ctx.device, non_blocking=True)
             with ctx.autocast():
-                logits, _, _ = model(a, v)
+                logits, fa, fv = net(a, v)
             logits = logits.float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if ogm is not None:
+                alpha, noise_gen = ogm
+                with torch.no_grad():
+                    la, lv = balance.half_logits(model.head, fa.float(), fv.float())
+                    scores = ctx.dist.sum_tensor(balance.true_class_scores(la, lv, y))
+                    k_a, k_v = balance.coefficients(scores, alpha)
+                    balance.modulate(model.audio.parameters(), k_a, noise_gen)
+                    balance.modulate(model.visual.parameters(), k_v, noise_gen)
+                    coeff_sum += torch.stack([k_a, k_v]).double()
             optimizer.step()
+            steps += 1
             sums.add(loss, logits, y)
             bar.advance(len(y))
-    return sums.result()
+    result = sums.result()
+    if ogm is not None:
+        k = (coeff_sum / max(steps, 1)).tolist()
+        result.update({"ogm_coeff_audio": k[0], "ogm_coeff_visual": k[1]})
+    return result
 
 
 @torch.no_grad()
 def _evaluate_fusion(ctx: Context, model: FusionModel, split: str) -> dict[str, Any]:
-    """Fused, audio-only and visual-only accuracy (the head with the other half zeroed)."""
+    """Fused, audio-only, visual-only and neither accuracy (the head with the other half, or
+    both halves, zeroed), and the halves' mean true-class scores (OGM-GE's split of the head)."""
     ctx.dist.sync_buffers(model)
     model.eval()
-    sums = [0.0] * 5  # loss, fused, audio, visual, count
+    sums = [0.0] * 8  # loss, fused, audio, visual, none, score_a, score_v, count
     for batch in _eval_batches(ctx, split, 2 * ctx.config.stage2.batch_size):
         a = _inputs(ctx, batch, "audio", False, None)
         v = _inputs(ctx, batch, "visual", False, None)
         y = batch["label"].to(ctx.device)
         with ctx.autocast():
             logits, fa, fv = model(a, v)
-        la, lv = model.partial_logits(fa.float(), fv.float())
+        fa, fv = fa.float(), fv.float()
+        la, lv = model.partial_logits(fa, fv)
+        neither = model.head.bias.float().expand_as(la)
         logits = logits.float()
         sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
-        for k, out in enumerate((logits, la, lv), start=1):
+        for k, out in enumerate((logits, la, lv, neither), start=1):
             sums[k] += float((out.argmax(1) == y).sum())
-        sums[4] += len(y)
-    loss, fused, audio, visual, count = ctx.dist.sum(sums)
+        scores = balance.true_class_scores(*balance.half_logits(model.head, fa, fv), y)
+        sums[5] += float(scores[0])
+        sums[6] += float(scores[1])
+        sums[7] += len(y)
+    loss, fused, audio, visual, none, score_a, score_v, count = ctx.dist.sum(sums)
     if count == 0:
-        return {"loss": None, "fused": None, "audio": None, "visual": None}
+        return {k: None for k in ("loss", "fused", "audio", "visual", "none", "imbalance_ratio")}
     return {
         "loss": loss / count,
         "fused": fused / count,
         "audio": audio / count,
         "visual": visual / count,
+        "none": none / count,
+        "imbalance_ratio": score_a / score_v if score_v > 0 else None,
     }
 
 
-def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
-    """Joint training from the stage-1 encoders with the ``rule``'s input masks."""
+def contribution(val: dict[str, Any]) -> dict[str, Any]:
+    """Shapley values of the two modalities for the fused accuracy, and the imbalance ratio."""
+    from bnfix.fusion.stats import shapley
+
+    return {
+        "acc_none": val["none"],
+        **shapley(val["fused"], val["audio"], val["visual"], val["none"]),
+        "imbalance_ratio": val["imbalance_ratio"],
+    }
+
+
+def run_stage2(ctx: Context, arm: Arm, phase: str) -> dict[str, Any]:
+    """Joint training from the stage-1 encoders: the arm's input masks, and OGM-GE's gradient
+    modulation when the arm has it."""
     rd = ctx.rundir
     done = rd.result(phase)
     if done is not None:
         return done
-    cfg = ctx.config.stage2
+    cfg, bal = ctx.config.stage2, ctx.config.balance
+    rule = arm.rule
     ratio_a, ratio_v, mask_stats = mask_ratios(ctx, rule)
     # Paired arms: every stage-2 arm of a seed draws its head initialisation, data order,
     # crops and flips from the same streams (named STAGE2, whatever the phase); only the
@@ -603,16 +643,19 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
     model = _prepare(ctx, _build_fusion(ctx))
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = {"epoch": 0, "best": None, "best_loss": None, "best_epoch": None}
+    state: dict[str, Any] = {
+        "epoch": 0, "best": None, "best_loss": None, "best_epoch": None, "best_val": None,
+    }  # fmt: skip
     saved = rd.load_state(phase, model, optimizer, scheduler) if ctx.resume else None
     if saved is not None:
         state.update(saved)
     if ctx.dist.main:
         ctx.console.print(
-            f"stage 2 ({rule}): masking audio on {mask_stats['audio_masked_fraction']:.0%} of "
-            f"training samples (mean ratio {mask_stats['mean_ratio_audio']:.3f}), visual on "
+            f"stage 2 ({arm.name}): masking audio on {mask_stats['audio_masked_fraction']:.0%} "
+            f"of training samples (mean ratio {mask_stats['mean_ratio_audio']:.3f}), visual on "
             f"{mask_stats['visual_masked_fraction']:.0%} "
-            f"(mean ratio {mask_stats['mean_ratio_visual']:.3f})",
+            f"(mean ratio {mask_stats['mean_ratio_visual']:.3f})"
+            + (f"; OGM-GE alpha {bal.alpha}" if arm.ogm else ""),
             highlight=False,
         )
     batches = EpochBatches(ctx.positions["train"], cfg.batch_size, rd.phase_seed(STAGE2), ctx.dist)
@@ -622,19 +665,26 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
     for epoch in range(state["epoch"], cfg.epochs):
         gen = rd.seed_epoch(STAGE2, epoch, ctx.device)
         mask_gen = rd.arm_generator("mask", STAGE2, epoch)
+        ogm = None
+        if arm.ogm and bal.active(epoch + 1):
+            ogm = (bal.alpha, rd.arm_generator("ogm-ge", STAGE2, epoch, per_rank=False))
         batches.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        label = f"stage 2 {rule} {epoch + 1}/{cfg.epochs}"
-        sums = _train_epoch_fusion(ctx, net, optimizer, loader, ratios, gen, mask_gen, label)
+        label = f"stage 2 {arm.name} {epoch + 1}/{cfg.epochs}"
+        sums = _train_epoch_fusion(
+            ctx, net, model, optimizer, loader, ratios, gen, mask_gen, ogm, label
+        )
         seconds = time.perf_counter() - start
         loss_sum, correct, count = ctx.dist.sum([sums["loss_sum"], sums["correct"], sums["count"]])
         scheduler.step()
         val = _evaluate_fusion(ctx, model, "val")
+        contrib = contribution(val)
         record = {
             "phase": phase,
             "stage": 2,
             "rule": rule,
+            "arm": arm.name,
             "epoch": epoch + 1,
             "lr": lr,
             "train_loss": loss_sum / count,
@@ -643,15 +693,23 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
             "val_acc": val["fused"],
             "val_acc_audio": val["audio"],
             "val_acc_visual": val["visual"],
-            "samples_per_s": count / seconds,
-            "seconds": seconds,
+            "val_acc_none": val["none"],
+            "shapley_audio": contrib["shapley_audio"],
+            "shapley_visual": contrib["shapley_visual"],
+            "share_audio": contrib["share_audio"],
+            "imbalance_ratio": contrib["imbalance_ratio"],
         }
+        if arm.ogm:
+            record["ogm_coeff_audio"] = sums.get("ogm_coeff_audio", 1.0)
+            record["ogm_coeff_visual"] = sums.get("ogm_coeff_visual", 1.0)
+        record.update({"samples_per_s": count / seconds, "seconds": seconds})
         improved = _improved(val["fused"], val["loss"], state["best"], state.get("best_loss"))
         if improved:
             state["best"], state["best_loss"] = val["fused"], val["loss"]
             state["best_epoch"] = epoch + 1
+            state["best_val"] = {"epoch": epoch + 1, **contrib}
         state["epoch"] = epoch + 1
-        meta = {"stage": "2", "rule": rule, "epoch": str(epoch + 1)}
+        meta = {"stage": "2", "rule": rule, "arm": arm.name, "epoch": str(epoch + 1)}
         rd.end_epoch(
             phase, record, model, optimizer, scheduler, state,
             best=export_stage2(model) if improved else None,
@@ -664,21 +722,98 @@ def run_stage2(ctx: Context, rule: str, phase: str) -> dict[str, Any]:
     test = _evaluate_fusion(ctx, model, "test")
     probe = {m: linear_probe(ctx, getattr(model, m), m) for m in ("audio", "visual")}
     result = {
+        "arm": arm.name,
         "val": state["best"],
         "val_loss": state.get("best_loss"),
         "best_epoch": state["best_epoch"],
         "test": {k: test[k] for k in ("fused", "audio", "visual")},
         "probe": probe,
         "mask": mask_stats,
+        "contribution": {"val": state.get("best_val"), "test": contribution(test)},
         "epochs": cfg.epochs,
+        "world": ctx.dist.world,
+    }
+    if arm.ogm:
+        result["ogm"] = {
+            "alpha": bal.alpha,
+            "start_epoch": bal.start_epoch,
+            "end_epoch": bal.end_epoch,
+        }
+    rd.finish(phase, result)
+    if ctx.dist.main:
+        ctx.console.print(
+            f"stage 2 ({arm.name}): test fused {_pct(test['fused'])}, audio-only "
+            f"{_pct(test['audio'])}, visual-only {_pct(test['visual'])}; linear probes audio "
+            f"{_pct(probe['audio'])}, visual {_pct(probe['visual'])}",
+            highlight=False,
+        )
+    return rd.result(phase)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage-1 ensemble: late fusion of the two stage-1 models, no stage 2
+
+
+def _stage1_model(ctx: Context, modality: str) -> UniModal:
+    """The stage-1 model of a modality as its best epoch left it (encoder and head)."""
+    cfg = ctx.config.model
+    encoder, _ = build_encoder(
+        modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality)
+    )
+    head = load_stage1_encoder(encoder, ctx.rundir.read_best(f"stage1/{modality}"))
+    model = UniModal(encoder, ctx.classes)
+    model.head.load_state_dict(head.state_dict())
+    return _prepare(ctx, model).eval()
+
+
+@torch.no_grad()
+def _evaluate_ensemble(ctx: Context, models: dict[str, UniModal], split: str) -> dict[str, Any]:
+    """Accuracy of the mean of the two models' softmax probabilities, and of each alone."""
+    for model in models.values():
+        ctx.dist.sync_buffers(model)
+    sums = [0.0] * 4  # fused, audio, visual, count
+    for batch in _eval_batches(ctx, split, 2 * ctx.config.stage1.batch_size):
+        y = batch["label"].to(ctx.device)
+        probs = {}
+        for m, model in models.items():
+            x = _inputs(ctx, batch, m, False, None)
+            with ctx.autocast():
+                probs[m] = model(x).float().softmax(1)
+        mean = (probs["audio"] + probs["visual"]) / 2
+        for k, p in enumerate((mean, probs["audio"], probs["visual"])):
+            sums[k] += float((p.argmax(1) == y).sum())
+        sums[3] += len(y)
+    fused, audio, visual, count = ctx.dist.sum(sums)
+    if count == 0:
+        return {"fused": None, "audio": None, "visual": None}
+    return {"fused": fused / count, "audio": audio / count, "visual": visual / count}
+
+
+def run_ensemble(ctx: Context, phase: str) -> dict[str, Any]:
+    """The ``ensemble`` arm: average the stage-1 models' probabilities (no training)."""
+    rd = ctx.rundir
+    done = rd.result(phase)
+    if done is not None:
+        return done
+    models = {m: _stage1_model(ctx, m) for m in ("audio", "visual")}
+    val = _evaluate_ensemble(ctx, models, "val")
+    test = _evaluate_ensemble(ctx, models, "test")
+    probe = {m: linear_probe(ctx, models[m].encoder, m) for m in ("audio", "visual")}
+    zero = {"audio_masked_fraction": 0.0, "visual_masked_fraction": 0.0}
+    result = {
+        "arm": "ensemble",
+        "val": val["fused"],
+        "test": test,
+        "probe": probe,
+        "mask": {"rule": "none", **zero, "mean_ratio_audio": 0.0, "mean_ratio_visual": 0.0},
         "world": ctx.dist.world,
     }
     rd.finish(phase, result)
     if ctx.dist.main:
         ctx.console.print(
-            f"stage 2 ({rule}): test fused {_pct(test['fused'])}, audio-only "
-            f"{_pct(test['audio'])}, visual-only {_pct(test['visual'])}; linear probes audio "
-            f"{_pct(probe['audio'])}, visual {_pct(probe['visual'])}",
+            f"ensemble of the stage-1 models: test {_pct(test['fused'])} (audio model "
+            f"{_pct(test['audio'])}, visual model {_pct(test['visual'])}); linear probes "
+            f"audio {_pct(probe['audio'])}, visual {_pct(probe['visual'])}",
             highlight=False,
         )
     return rd.result(phase)
@@ -781,7 +916,7 @@ def _print_epoch(ctx: Context, r: dict[str, Any]) -> None:
         head = f"stage 1 {r['modality']:<6} epoch {r['epoch']:>3}"
         val = f"val {_pct(r['val_acc'])}"
     else:
-        head = f"stage 2 {r['rule']:<6} epoch {r['epoch']:>3}"
+        head = f"stage 2 {r.get('arm', r['rule']):<6} epoch {r['epoch']:>3}"
         val = (
             f"val fused {_pct(r['val_acc'])} audio {_pct(r['val_acc_audio'])} "
             f"visual {_pct(r['val_acc_visual'])}"
