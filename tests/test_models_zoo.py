@@ -7,6 +7,7 @@ test); building, the stem and the CLI use real, randomly initialised models.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import warnings
@@ -35,7 +36,10 @@ from bnfix.models import (
     torchvision_zoo,
 )
 
-timm = pytest.importorskip("timm")
+HAVE_TIMM = importlib.util.find_spec("timm") is not None
+needs_timm = pytest.mark.skipif(not HAVE_TIMM, reason="timm is not installed (dev extra)")
+if HAVE_TIMM:
+    import timm
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,6 +98,7 @@ TIMM_FAMILIES = [
 ]
 
 
+@needs_timm
 @pytest.mark.parametrize("name", TIMM_FAMILIES)
 def test_timm_family_is_recognised_by_its_exact_name(name: str) -> None:
     recognition = recognise(_meta_timm(name))
@@ -105,6 +110,7 @@ def test_timm_family_is_recognised_by_its_exact_name(name: str) -> None:
     )
 
 
+@needs_timm
 def test_timm_audio_layout_and_headless_checkpoint() -> None:
     """The cross-modal changes: a 1-channel stem, a classifier removed or resized."""
     audio = recognise(_meta_timm("efficientnet_b0", in_chans=1, num_classes=0))
@@ -116,6 +122,7 @@ def test_timm_audio_layout_and_headless_checkpoint() -> None:
     assert resized is not None and (resized.name, resized.num_classes) == ("timm:regnety_008", 10)
 
 
+@needs_timm
 def test_timm_look_alikes_are_named() -> None:
     """tf_efficientnet_b0 has efficientnet_b0's keys and shapes: the note says so."""
     recognition = recognise(_meta_timm("tf_efficientnet_b0"))
@@ -123,6 +130,7 @@ def test_timm_look_alikes_are_named() -> None:
     assert any("timm:tf_efficientnet_b0" in note for note in recognition.notes)
 
 
+@needs_timm
 @pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "densenet121"])
 def test_torchvision_name_wins_when_both_zoos_fit(name: str) -> None:
     """timm's resnet50 has torchvision's keys and shapes: the torchvision name is reported."""
@@ -151,6 +159,7 @@ def test_video_heads_missing_or_resized() -> None:
     assert recognition is not None and (recognition.name, recognition.in_channels) == ("r3d_18", 1)
 
 
+@needs_timm
 def test_near_miss_says_how_it_differs_and_asks_for_arch() -> None:
     state = _meta_timm("resnet50d")
     del state["layer4.2.conv3.weight"]
@@ -166,6 +175,7 @@ def test_near_miss_says_how_it_differs_and_asks_for_arch() -> None:
     assert "pass --arch" in message and "\n" not in message
 
 
+@needs_timm
 def test_forced_timm_arch_that_does_not_fit_says_how() -> None:
     with pytest.raises(BnfixError, match=r"--arch timm:resnet50d does not fit this checkpoint: "):
         build_model(_meta_timm("resnet26d"), arch="timm:resnet50d")
@@ -173,6 +183,7 @@ def test_forced_timm_arch_that_does_not_fit_says_how() -> None:
         build_model(_meta_timm("resnet26d"), arch="timm:no_such_model")
 
 
+@needs_timm
 def test_another_timm_version_falls_back_to_families(monkeypatch: pytest.MonkeyPatch) -> None:
     """Signatures are trusted only for the catalogue's timm version; otherwise the family
     search (representatives, key counts) finds the same model."""
@@ -181,6 +192,7 @@ def test_another_timm_version_falls_back_to_families(monkeypatch: pytest.MonkeyP
     assert recognition is not None and recognition.name == "timm:resnet26d"
 
 
+@needs_timm
 @pytest.mark.parametrize("name", ["resnet26d", "mixnet_s", "cs3darknet_m", "regnetx_002"])
 def test_catalogue_entries_match_the_installed_timm(name: str) -> None:
     """Spot checks; rewrite the catalogue with ``python -m bnfix.models.timm_zoo``."""
@@ -193,6 +205,7 @@ def test_catalogue_entries_match_the_installed_timm(name: str) -> None:
     assert member.signature == timm_zoo.signature(layout.shapes, layout.stem_key, layout.head_keys)
 
 
+@needs_timm
 def test_representatives_cover_their_families_sampled() -> None:
     """The stored family patterns are the union of their members' (sampled: a few members)."""
     families = {f.name: f for f in timm_zoo.catalogue()[1]}
@@ -206,7 +219,10 @@ def test_representatives_cover_their_families_sampled() -> None:
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("timm:efficientnet_b0", (1, 3, 64, 64)), ("r2plus1d_18", (1, 3, 4, 32, 32))],
+    [
+        pytest.param("timm:efficientnet_b0", (1, 3, 64, 64), marks=needs_timm),
+        ("r2plus1d_18", (1, 3, 4, 32, 32)),
+    ],
 )
 def test_built_model_is_bit_exact_and_runs_like_the_original(
     name: str, shape: tuple[int, ...]
@@ -257,18 +273,25 @@ def test_stem_of_a_1d_model_is_adapted_for_images() -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, nn.Module]]:
     folder = tmp_path_factory.mktemp("zoo")
-    timm_model = _real_timm("regnetx_002")
     video_model = _real_tv("r2plus1d_18")
-    return {
-        "timm:regnetx_002": (_save(timm_model.state_dict(), folder / "regnetx.pt"), timm_model),
+    found = {
         "r2plus1d_18": (
             _save(video_model.state_dict(), folder / "r2plus1d.safetensors"),
             video_model,
-        ),
+        )
     }
+    if HAVE_TIMM:
+        timm_model = _real_timm("regnetx_002")
+        found["timm:regnetx_002"] = (
+            _save(timm_model.state_dict(), folder / "regnetx.pt"),
+            timm_model,
+        )
+    return found
 
 
-@pytest.mark.parametrize("name", ["timm:regnetx_002", "r2plus1d_18"])
+@pytest.mark.parametrize(
+    "name", [pytest.param("timm:regnetx_002", marks=needs_timm), "r2plus1d_18"]
+)
 def test_static_scan_names_the_architecture(
     name: str, checkpoints: dict[str, tuple[Path, nn.Module]], tmp_path: Path
 ) -> None:
@@ -283,7 +306,10 @@ def test_static_scan_names_the_architecture(
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("timm:regnetx_002", (1, 3, 64, 64)), ("r2plus1d_18", (1, 3, 4, 32, 32))],
+    [
+        pytest.param("timm:regnetx_002", (1, 3, 64, 64), marks=needs_timm),
+        ("r2plus1d_18", (1, 3, 4, 32, 32)),
+    ],
 )
 def test_bnfix_load(
     name: str, shape: tuple[int, ...], checkpoints: dict[str, tuple[Path, nn.Module]]

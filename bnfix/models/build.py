@@ -199,8 +199,10 @@ def _build_timm(
     variant = Variant(name, 0, zoo=timm_zoo.ZOO)
     try:
         timm_zoo.timm_layout(name)
-    except Exception as exc:
-        raise BnfixError(f"{option} timm:{name}: timm cannot create it: {_one_line(exc)}") from exc
+    except Exception:
+        # Not constructible on the meta device (or not at all): build it for real, which
+        # also gives timm's own error message for a name it does not know.
+        return _build_module(state_dict, _create_timm(name, option), variant.label, option)
     return _build_variants(state_dict, variant.label, [variant], option)
 
 
