@@ -1,9 +1,12 @@
 """What ABRi costs per training step and per eval forward against plain BN, measured in one run.
 
-Four copies of one ResNet-18 (same initial weights; stem conv1 takes the 1-channel
-spectrograms [B, 1, T, F] that bnfix meets in audio) differ only in their BatchNorm2d layers:
-plain BN, the paper's naive two-BN ABRi (``α·bn1(x) + (1−α)·bn2(x)``, written below), and
+Four copies of one model (same initial weights) differ only in their BatchNorm layers: plain
+BN, the paper's naive two-BN ABRi (``after(α·bn1(x) + (1−α)·bn2(x))``, written below), and
 bnfix's one-pass ABRi from :func:`bnfix.abri.convert` with α per layer and per channel.
+``--model`` picks the model: ``resnet18`` (default; stem conv1 takes the 1-channel spectrograms
+[B, 1, T, F] that bnfix meets in audio, ``--input CxTxF``), timm's ``efficientnet_b0``
+(BatchNormAct2d: BN + SiLU in one module, ``--input CxHxW``, default 3x128x128) or
+torchvision's ``r2plus1d_18`` (BatchNorm3d on clips, ``--input CxTxHxW``, default 3x8x56x56).
 A training step is forward + cross-entropy backward + SGD step (``zero_grad(set_to_none=True)``);
 an eval forward runs the model in eval mode under ``torch.inference_mode`` (bnfix's ABRi folds
 its two BNs into one BN's parameters on every eval forward: nothing is cached). Variants are
@@ -11,7 +14,8 @@ interleaved inside every repeat (plain, naive, abri, ..., then the same rotated 
 warm-up; the table shows median times and the median over rounds of each round's ratio to
 plain BN, all measured in this run.
 
-    python benchmarks/abri_step.py [--batch-size 8] [--input 1x256x128] [--repeats 7]
+    python benchmarks/abri_step.py [--model resnet18|efficientnet_b0|r2plus1d_18]
+        [--batch-size 8] [--input 1x256x128] [--repeats 7]
         [--device auto|cpu|cuda] [--threads N] [--amp] [--channels-last] [--eval-only]
 
 :func:`run` returns the rows, so other scripts (``gpu_abri_check.py``) reuse the measurement.
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnfix.abri import ABRiBatchNorm2d, convert
+from bnfix.batchnorm.kinds import kind_of, twin_class
 
 TARGET_TRAIN = 1.10  # bnfix ABRi train step / plain BN train step
 TARGET_EVAL = 1.02  # bnfix ABRi eval forward / plain BN eval forward
@@ -48,30 +53,35 @@ NOISY = 1.25  # slowest/fastest round above this: the machine was busy during th
 
 
 class NaiveABRi(nn.Module):
-    """The paper's block as written: two BatchNorms, each normalising x, mixed by a learnt α."""
+    """The paper's block as written: two BatchNorms, each normalising x, mixed by a learnt α,
+    then what the layer runs after normalising (timm's BatchNormAct2d: drop and act)."""
 
-    def __init__(self, bn: nn.BatchNorm2d, alpha: float = 0.5, per: str = "layer") -> None:
+    def __init__(self, bn: nn.Module, alpha: float = 0.5, per: str = "layer") -> None:
         super().__init__()
         ref = bn.weight
-        self.bn1 = bn  # pretrained
-        self.bn2 = nn.BatchNorm2d(
-            bn.num_features, bn.eps, bn.momentum, device=ref.device, dtype=ref.dtype
-        )
+        plain = twin_class(type(bn))
+        kw = {"device": ref.device, "dtype": ref.dtype}
+        self.bn1 = plain(bn.num_features, bn.eps, bn.momentum, **kw)  # pretrained
+        self.bn1.load_state_dict(bn.state_dict(), strict=False)  # strict=False: act's keys
+        self.bn2 = plain(bn.num_features, bn.eps, bn.momentum, **kw)
+        self.drop = getattr(bn, "drop", None) or nn.Identity()
+        self.act = getattr(bn, "act", None) or nn.Identity()
         size = 1 if per == "layer" else bn.num_features
-        self.alpha = nn.Parameter(torch.full((size, 1, 1), alpha, device=ref.device))
+        self.alpha = nn.Parameter(torch.full((size,), alpha, device=ref.device))
         self.train(bn.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        a = self.alpha
-        return a * self.bn1(x) + (1 - a) * self.bn2(x)
+        a = self.alpha.view(-1, *[1] * (x.dim() - 2))
+        return self.act(self.drop(a * self.bn1(x) + (1 - a) * self.bn2(x)))
 
 
 def naive_convert(model: nn.Module, alpha: float = 0.5, per: str = "layer") -> nn.Module:
-    """Swap every plain ``nn.BatchNorm2d`` for :class:`NaiveABRi` in place, as ``convert`` does."""
+    """Swap every BatchNorm for :class:`NaiveABRi` in place, as ``convert`` does."""
     for name, module in list(model.named_modules()):
-        if type(module) is nn.BatchNorm2d:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and kind_of(module) is not None:
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, NaiveABRi(module, alpha, per))
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, leaf, NaiveABRi(module, alpha, per))
     return model
 
 
@@ -86,14 +96,24 @@ BASELINE = "plain"
 CHECKED = ("abri-layer", "abri-channel")  # rows held to the targets
 
 
-def parse_input(text: str) -> tuple[int, int, int]:
+#: --model: (description, default --input, default --batch-size)
+MODELS = {
+    "resnet18": ("ResNet-18", "1x256x128", 8),
+    "efficientnet_b0": ("timm efficientnet_b0 (BatchNormAct2d)", "3x128x128", 8),
+    "r2plus1d_18": ("torchvision r2plus1d_18 (BatchNorm3d)", "3x8x56x56", 2),
+}
+
+
+def parse_input(text: str) -> tuple[int, ...]:
     try:
-        c, t, f = (int(v) for v in text.lower().split("x"))
+        dims = tuple(int(v) for v in text.lower().split("x"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
-            f"--input wants CxTxF such as 1x256x128, not {text!r}"
+            f"--input wants CxTxF such as 1x256x128 (CxTxHxW for r2plus1d_18), not {text!r}"
         ) from exc
-    return c, t, f
+    if len(dims) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"--input wants 3 or 4 sizes, not {text!r}")
+    return dims
 
 
 def input_arg(text: str) -> str:
@@ -103,9 +123,14 @@ def input_arg(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--model", choices=list(MODELS), default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: per model")
     parser.add_argument(
-        "--input", type=input_arg, default="1x256x128", help="C x T x F of one spectrogram"
+        "--input",
+        type=input_arg,
+        default=None,
+        help="C x T x F of one spectrogram (resnet18), C x H x W (efficientnet_b0), "
+        "C x T x H x W (r2plus1d_18); default per model",
     )
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians over them)")
@@ -153,10 +178,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The model's own default input and batch size where the command line gave none."""
+    _, size, batch = MODELS[getattr(args, "model", "resnet18")]
+    if getattr(args, "input", None) is None:
+        args.input = size
+    if getattr(args, "batch_size", None) is None:
+        args.batch_size = batch
+    want = 4 if getattr(args, "model", "resnet18") == "r2plus1d_18" else 3
+    if len(parse_input(args.input)) != want:
+        raise SystemExit(f"--input for {args.model} wants {want} sizes, not {args.input!r}")
+    return args
+
+
 def base_model(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
+    name = getattr(args, "model", "resnet18")
+    channels = parse_input(args.input)[0]
+    if name == "efficientnet_b0":
+        import timm
+
+        return timm.create_model(name, num_classes=args.num_classes, in_chans=channels)
+    if name == "r2plus1d_18":
+        model = torchvision.models.video.r2plus1d_18(num_classes=args.num_classes)
+        if channels != 3:
+            old = model.stem[0]
+            model.stem[0] = nn.Conv3d(
+                channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False
+            )
+        return model
     model = torchvision.models.resnet18(num_classes=args.num_classes)
-    channels, _, _ = parse_input(args.input)
     old = model.conv1
     model.conv1 = nn.Conv2d(channels, old.out_channels, 7, 2, 3, bias=False)
     return model
@@ -287,13 +338,18 @@ def run(args: argparse.Namespace) -> list[dict]:
     ops one train step and one eval forward dispatch (``train_ops``, ``eval_ops``), and the
     part of an eval forward spent folding the ABRi blocks (``fold_ms``, :func:`fold_cost_ms`).
     """
+    fill_defaults(args)
     device = resolve_device(args.device)
     if args.clock == "cpu" and device.type != "cpu":
         raise SystemExit("--clock cpu measures CPU work: it means nothing for a CUDA run")
     clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    video = len(parse_input(args.input)) == 4
+    if args.channels_last:
+        fmt = torch.channels_last_3d if video else torch.channels_last
+    else:
+        fmt = torch.contiguous_format
     base = base_model(args)
     names = [BASELINE, *(k for k in VARIANTS if k in args.variants and k != BASELINE)]
     runners = []
@@ -318,7 +374,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             outputs[r.name] = r.model(x).float().cpu()
     ref = outputs[BASELINE]
     # Ops per step do not depend on the input's size: count them on a small batch, untimed.
-    small_x = x[:2, :, :64, :64].contiguous(memory_format=fmt)
+    small_x = (x[:2, :, :4, :32, :32] if video else x[:2, :, :64, :64]).contiguous(
+        memory_format=fmt
+    )
     ops = {}
     for r in runners:
         train_ops = 0
@@ -383,8 +441,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def config_line(args: argparse.Namespace, device: torch.device, rounds: int) -> str:
     cut = f" (time budget: {rounds} of {args.repeats})" if rounds < args.repeats else ""
+    name, _, _ = MODELS[getattr(args, "model", "resnet18")]
+    layout = {"resnet18": "C×T×F", "efficientnet_b0": "C×H×W"}.get(
+        getattr(args, "model", "resnet18"), "C×T×H×W"
+    )
     return (
-        f"ResNet-18, batch {args.batch_size} × {args.input} (C×T×F), {device.type}, "
+        f"{name}, batch {args.batch_size} × {args.input} ({layout}), {device.type}, "
         f"{'bf16 autocast' if args.amp else 'fp32'}, "
         f"{'channels_last' if args.channels_last else 'contiguous'}, {args.clock} clock, "
         f"median of {rounds} interleaved rounds{cut} × {args.iters} after {args.warmup} warm-up"

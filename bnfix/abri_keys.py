@@ -39,28 +39,35 @@ def plain_view(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The checkpoint as its architecture had it before repair: each block's pretrained BN.
 
     Used to recognise and build the model; the twins and α are added back by ``convert``.
+    Everything under ``P.original.`` comes back under ``P.``, including what a BN kind carries
+    below its own tensors (timm's ``BatchNormAct2d`` with a parametrised ``act``:
+    ``P.original.act.weight`` → ``P.act.weight``).
     """
     blocks = set(abri_prefixes(state))
     if not blocks:
         return dict(state)
     plain = {}
     for key, tensor in state.items():
-        block, part, leaf = _split(key)
-        if block in blocks:
-            if part == ORIGINAL:
-                plain[f"{block}.{leaf}"] = tensor
-            continue  # the twin and α
-        plain[key] = tensor
+        block, part, rest = _split_under(key, blocks)
+        if block is None:
+            plain[key] = tensor
+        elif part == ORIGINAL:
+            plain[f"{block}.{rest}"] = tensor
+        # else: the twin and α
     return plain
 
 
-def _split(key: str) -> tuple[str | None, str | None, str]:
-    """``a.b.original.weight`` → ``("a.b", "original", "weight")``; ``a.b.alpha`` → block too."""
+def _split_under(key: str, blocks: set[str]) -> tuple[str | None, str | None, str]:
+    """``a.b.original.act.weight`` with block ``a.b`` → ``("a.b", "original", "act.weight")``."""
     parts = key.split(".")
-    if len(parts) >= 3 and parts[-2] in (ORIGINAL, ADDITIONAL):
-        return ".".join(parts[:-2]), parts[-2], parts[-1]
-    if len(parts) >= 2 and parts[-1] == ALPHA:
-        return ".".join(parts[:-1]), ALPHA, ALPHA
+    for i in range(len(parts) - 1, 0, -1):
+        block = ".".join(parts[:i])
+        if block in blocks:
+            rest = parts[i:]
+            if rest == [ALPHA]:
+                return block, ALPHA, ALPHA
+            if len(rest) >= 2 and rest[0] in (ORIGINAL, ADDITIONAL):
+                return block, rest[0], ".".join(rest[1:])
     return None, None, key
 
 

@@ -17,14 +17,18 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.abri import ABRiBatchNorm2d
+from bnfix.batchnorm.abri import ABRiBatchNorm
+from bnfix.batchnorm.kinds import Kind, kind_of
 
 #: Largest temporary (in elements) a hook may allocate at once; bounds the probe's extra memory.
 _CHUNK_ELEMENTS = 1 << 20
-#: BN classes whose forward is exactly ``F.batch_norm``: for these the probe takes the batch
-#: mean and variance from the normalisation itself instead of a second pass over the input.
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_RECORDS_ITSELF = (*_PLAIN_BN, ABRiBatchNorm2d)
+
+
+def _recorded_kind(module: nn.Module) -> Kind | None:
+    """The BN kind of a layer the probe measures from its own normalisation (every kind
+    :mod:`bnfix.batchnorm.kinds` knows, ABRi blocks of any kind), or None: a BN subclass with
+    a forward of its own, measured by its input and output around that forward instead."""
+    return kind_of(module.original if isinstance(module, ABRiBatchNorm) else module)
 
 
 @dataclass
@@ -82,10 +86,10 @@ class _Accumulator:
         self.samples += n
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if type(module) not in _RECORDS_ITSELF:  # subclasses: measure the input separately
-            x = args[0].detach()
-            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-            self.add_input(mean, var, x.numel() // x.shape[1])
+        """For a BN subclass with its own forward: its input, and its output as it returns it."""
+        x = args[0].detach()
+        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+        self.add_input(mean, var, x.numel() // x.shape[1])
         self.add_output(output.detach())
 
     def result(self) -> ChannelStats:
@@ -103,37 +107,44 @@ class _Accumulator:
         )
 
 
-def _recording_forward(bn: _BatchNorm | ABRiBatchNorm2d, acc: _Accumulator):
-    """``F.batch_norm`` in batch-statistics mode that also hands its batch statistics over.
+def _recording_forward(bn: _BatchNorm | ABRiBatchNorm, kind: Kind, acc: _Accumulator):
+    """The layer's normalisation in batch-statistics mode, handing its batch statistics and its
+    normalised output over, then what its kind runs after normalising (timm's drop and act).
 
-    An ABRi block in training mode is one batch norm with its effective γ and β, so it is
-    measured the same way, as one layer.
+    The output measured is the normalised one, before any activation the layer carries, as for
+    a plain BN followed by its own ReLU. An ABRi block in training mode is one batch norm with
+    its effective γ and β, so it is measured the same way, as one layer. Nothing is
+    synchronised (a SyncBatchNorm does not synchronise outside training either).
     """
+    norm = bn.original if isinstance(bn, ABRiBatchNorm) else bn
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if isinstance(bn, ABRiBatchNorm2d):
+        norm._check_input_dim(x)
+        if isinstance(bn, ABRiBatchNorm):
             weight, bias = bn.effective_affine()
         else:
             weight, bias = bn.weight, bn.bias
         out, mean, invstd = torch.native_batch_norm(
-            x, weight, bias, None, None, True, 0.0, bn_eps(bn)
+            x, weight, bias, None, None, True, 0.0, norm.eps
         )
-        acc.add_input(mean, invstd.pow(-2) - bn_eps(bn), x.numel() // x.shape[1])
-        return out
+        acc.add_input(mean, invstd.pow(-2) - norm.eps, x.numel() // x.shape[1])
+        acc.add_output(out)
+        return kind.after(norm, out)
 
     return forward
 
 
 def bn_eps(module: nn.Module) -> float:
-    return module.original.eps if isinstance(module, ABRiBatchNorm2d) else module.eps
+    return module.original.eps if isinstance(module, ABRiBatchNorm) else module.eps
 
 
-def bn_modules(model: nn.Module) -> dict[str, _BatchNorm | ABRiBatchNorm2d]:
-    """The normalisation layers a scan reports, in module order: BNs, and ABRi blocks as one."""
-    layers: dict[str, _BatchNorm | ABRiBatchNorm2d] = {}
+def bn_modules(model: nn.Module) -> dict[str, _BatchNorm | ABRiBatchNorm]:
+    """The normalisation layers a scan reports, in module order: BNs of every kind, and ABRi
+    blocks (of every kind) as one."""
+    layers: dict[str, _BatchNorm | ABRiBatchNorm] = {}
     inside: set[str] = set()
     for name, module in model.named_modules():
-        if isinstance(module, ABRiBatchNorm2d):
+        if isinstance(module, ABRiBatchNorm):
             layers[name] = module
             inside.update(f"{name}.{child}" for child in ("original", "additional"))
         elif isinstance(module, _BatchNorm) and name not in inside:
@@ -174,9 +185,11 @@ def collect(
     handles = []
     try:
         for name, bn in modules.items():
-            handles.append(bn.register_forward_hook(accumulators[name].hook))
-            if type(bn) in _RECORDS_ITSELF:
-                bn.forward = _recording_forward(bn, accumulators[name])
+            kind = _recorded_kind(bn)
+            if kind is not None:
+                bn.forward = _recording_forward(bn, kind, accumulators[name])
+            else:
+                handles.append(bn.register_forward_hook(accumulators[name].hook))
         with batch_statistics_mode(model), torch.inference_mode():
             for batch in batches:
                 model(batch.to(device, non_blocking=True))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.abri import ABRiBatchNorm2d
+from bnfix.batchnorm.abri import ABRiBatchNorm
 
 
 def recalibrate(
@@ -25,9 +25,10 @@ def recalibrate(
 ) -> int:
     """Replace every BN's running statistics by their average over ``batches``; return the count.
 
-    ABRi blocks are covered: both of their BNs are reset and see the same batches, so after
-    recalibration the pretrained BN and its twin hold the same statistics (and fold exactly in
-    both modes).
+    Every BatchNorm kind is covered, each as one layer: an ABRi block's two BNs are reset and
+    see the same batches, so after recalibration the pretrained BN and its twin hold the same
+    statistics (and fold exactly in both modes). Only the normalisation switches to training
+    mode, not the modules a BN kind carries (timm's ``drop`` stays off).
     """
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
@@ -42,10 +43,10 @@ def recalibrate(
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None
-            bn.train()
+            bn.training = True  # not bn.train(): timm's drop/act children stay in eval mode
         for block in model.modules():
-            if isinstance(block, ABRiBatchNorm2d):
-                block.train()  # the block, not only its BNs, decides which path runs
+            if isinstance(block, ABRiBatchNorm):
+                block.training = True  # the block, not only its BNs, decides which path runs
         with torch.no_grad():
             for batch in batches:
                 call(model, _to(batch, device))

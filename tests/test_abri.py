@@ -226,25 +226,26 @@ def test_convert_only_named_layers_and_refusals():
     model = torchvision.models.resnet18(num_classes=3)
     convert(model, only=["bn1", "layer1.0.bn2"])
     assert set(abri_blocks(model)) == {"bn1", "layer1.0.bn2"}
-    with pytest.raises(BnfixError, match=r"no BatchNorm2d named layer9\.bn"):
+    with pytest.raises(BnfixError, match=r"no BatchNorm named layer9\.bn"):
         convert(torchvision.models.resnet18(), only=["layer9.bn"])
     with pytest.raises(BnfixError, match=r"alpha must be in \[0, 1\]"):
         convert(torchvision.models.resnet18(), alpha=1.5)
     with pytest.raises(BnfixError, match="alpha per"):
         convert(torchvision.models.resnet18(), per="pixel")  # type: ignore[arg-type]
-    sync = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4))
-    with pytest.raises(BnfixError, match=r"1 is a torch\.nn\.modules\.batchnorm\.SyncBatchNorm"):
-        convert(sync)
 
-    class BatchNormAct2d(nn.BatchNorm2d):  # timm's kind: BN + activation in one module
+    class OwnForward(nn.BatchNorm2d):  # a BN whose forward ABRi cannot know
         def forward(self, x):
             return torch.relu(super().forward(x))
 
-    with pytest.raises(BnfixError, match="BatchNormAct2d, not a plain BatchNorm2d"):
-        convert(nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4)))
-    head = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.BatchNorm1d(4))
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), OwnForward(4))
+    with pytest.raises(BnfixError, match=r"2 is a .*OwnForward, whose forward .* is its own"):
+        convert(model)
+    assert not abri_blocks(model)  # refused before anything changed
+    # Every other kind is converted (tests/test_abri_kinds.py checks each against two BNs).
+    head = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4), nn.Flatten(), nn.BatchNorm1d(4))
     convert(head)
-    assert set(abri_blocks(head)) == {"1"} and type(head[3]) is nn.BatchNorm1d
+    assert set(abri_blocks(head)) == {"1", "3"}
+    assert type(head[3].original) is nn.BatchNorm1d and type(head[3].additional) is nn.BatchNorm1d
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU])

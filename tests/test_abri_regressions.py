@@ -224,7 +224,7 @@ def test_convert_converts_what_is_left_and_refuses_bns_inside_blocks():
     assert blocks["layer1.0.bn1"].per == "channel"
     with pytest.raises(BnfixError, match=r"bn1\.original is inside an ABRi block"):
         convert(model, only=["bn1.original"])
-    with pytest.raises(BnfixError, match=r"no BatchNorm2d named layer9\.bn"):
+    with pytest.raises(BnfixError, match=r"no BatchNorm named layer9\.bn"):
         convert(model, only=["layer9.bn"])
 
 
