@@ -13,7 +13,12 @@ With another timm version than the catalogue's, signatures are not trusted: fami
 prefiltered by the key patterns of their representatives (built then, once) and members tried
 nearest key count first, as for torchvision: slower, never wrong. Models added to timm since
 the catalogue was written are not recognised until it is rewritten; ``--arch timm:NAME``
-always works.
+always works. ``python -m bnfix.models.timm_zoo --check`` says whether the catalogue is
+current for the installed timm and torchvision (it builds every model: minutes).
+
+The catalogue also records which timm members have a torchvision model's keys and shapes
+(``TORCHVISION_TWINS``): for any other signature hit no torchvision model can fit, so the
+torchvision search is skipped (torchvision's name still wins whenever one fits).
 
 Members with exactly the same keys and shapes (``efficientnet_b0`` and ``tf_efficientnet_b0``,
 which differs in padding) cannot be told apart from a state dict: the catalogue keeps the usual
@@ -484,7 +489,44 @@ def write_catalogue(path: str) -> None:
         file.write(text)
 
 
+def check_catalogue() -> list[str]:
+    """How the stored catalogue differs from what the installed timm builds (slow: builds
+    every model); empty when it is current."""
+    import timm
+    import torchvision
+
+    from bnfix.models import timm_catalogue as data
+
+    problems = []
+    if timm.__version__ != data.TIMM_VERSION:
+        problems.append(f"written for timm {data.TIMM_VERSION}, installed {timm.__version__}")
+    if torchvision.__version__ != data.TORCHVISION_VERSION:
+        problems.append(
+            f"written for torchvision {data.TORCHVISION_VERSION}, "
+            f"installed {torchvision.__version__}"
+        )
+    families = survey()
+    for family in sorted(set(families) | set(data.FAMILIES)):
+        stored, built = data.FAMILIES.get(family), families.get(family)
+        if stored is None or built is None:
+            problems.append(f"family {family}: {'new' if stored is None else 'gone'}")
+            continue
+        was = {tuple(m) for m in stored["members"]}
+        now = {tuple(m) for m in built["members"]}
+        for member in sorted(now - was):
+            problems.append(f"{family}: {member[0]} new or changed")
+        for member in sorted(was - now):
+            problems.append(f"{family}: {member[0]} gone or changed")
+    if torchvision_twins(families) != data.TORCHVISION_TWINS:
+        problems.append("torchvision twins changed")
+    return problems
+
+
 if __name__ == "__main__":
     from pathlib import Path
 
+    if sys.argv[1:] == ["--check"]:
+        found = check_catalogue()
+        print("\n".join(found) or "the catalogue is current")
+        sys.exit(1 if found else 0)
     write_catalogue(str(Path(__file__).with_name("timm_catalogue.py")))
