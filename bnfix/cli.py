@@ -112,6 +112,33 @@ _PROBE_OPTIONS = [
         type=click.IntRange(8),
         help="Visual probe: centre-crop size (resize to 8/7 of it first).",
     ),
+    click.option(
+        "--audio-input",
+        default="fbank",
+        show_default=True,
+        type=click.Choice(["fbank", "waveform"]),
+        help="Audio probe: Kaldi fbank [N,1,frames,mels], or the raw wave [N,1,samples] "
+        "for 1-D models.",
+    ),
+    click.option(
+        "--seconds",
+        default=1.0,
+        show_default=True,
+        type=FiniteRange(1e-3),
+        help="Waveform probe: pad or crop every clip to this length.",
+    ),
+    click.option(
+        "--clip-frames",
+        default=16,
+        show_default=True,
+        type=click.IntRange(1),
+        help="3-D visual models: frames per clip (one clip per folder of frames).",
+    ),
+    click.option(
+        "--clip-size",
+        type=click.IntRange(8),
+        help="3-D visual models: crop size [the architecture's Kinetics preset, e.g. 112].",
+    ),
 ]
 
 
@@ -129,6 +156,10 @@ def probe_transforms(
     audio_mean: float | None,
     audio_std: float | None,
     image_size: int,
+    audio_input: str = "fbank",
+    seconds: float = 1.0,
+    clip_frames: int = 16,
+    clip_size: int | None = None,
 ) -> dict[str, object]:
     from bnfix.probe import AudioOptions, ImageOptions
 
@@ -139,8 +170,12 @@ def probe_transforms(
             target_frames=frames,
             mean=audio_mean,
             std=audio_std,
+            input=audio_input,
+            seconds=seconds,
         ),
         "image": ImageOptions(size=image_size, resize=round(image_size * 8 / 7)),
+        "clip_frames": clip_frames,
+        "clip_size": clip_size,
     }
 
 

@@ -27,8 +27,10 @@ from bnfix.probe_audio import (
     features_with_length,
     normalise,
     read_audio,
+    waveform_features,
     write_demo_audio,
 )
+from bnfix.probe_clip import ClipOptions, read_clip
 from bnfix.probe_image import ImageOptions, image_features, read_image
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TENSOR_EXTENSIONS",
     "AudioOptions",
+    "ClipOptions",
     "ImageOptions",
     "Probe",
     "adapt_channels",
@@ -80,6 +83,7 @@ def load_probe(
     audio: AudioOptions = _DEFAULT_AUDIO,
     image: ImageOptions = _DEFAULT_IMAGE,
     seed: int = 0,
+    clip: ClipOptions | None = None,
 ) -> Probe:
     """Read the probe at ``path`` into one batch.
 
@@ -89,6 +93,8 @@ def load_probe(
     model on the wrong modality. ``limit`` keeps that many samples, drawn uniformly at random
     (``seed``) and spread over the sub-folders (see :func:`sampling_order`): the first files
     in sorted order are often one class. Files beyond the limit are not even opened.
+    ``clip`` (3-D visual models) makes each folder of frames one ``[3, T, H, W]`` sample, and
+    ``limit`` then counts clips.
     """
     if modality is not None and modality not in MODALITIES:
         raise BnfixError(f"unknown modality {modality!r}; use 'audio' or 'visual'")
@@ -104,6 +110,9 @@ def load_probe(
     found = len(files)
     if kind == "tensor":
         probe = _load_tensors(root, files, modality, limit, seed)
+    elif kind == "image" and clip is not None:
+        probe = _load_clips(root, files, limit, clip, seed)
+        found = probe.files
     else:
         if limit is not None and len(files) > limit:
             files = sampling_order(files, root, seed)
@@ -150,20 +159,39 @@ def _reorder(probe: Probe, index: list[int]) -> Probe:
     return probe
 
 
-def adapt_channels(x: torch.Tensor, in_channels: int, path: str | None = None) -> torch.Tensor:
-    """Give a probe the channel count of the model's stem.
+#: What a probe sample looks like for a stem of each dimensionality, for messages.
+SAMPLE_SHAPES = {1: "[N, C, samples]", 2: "[N, C, H, W]", 3: "[N, C, T, H, W]"}
+_HOW_TO_FEED = {
+    1: "an audio probe with --audio-input waveform",
+    2: "images, spectrograms (audio) or a [N, C, H, W] tensor",
+    3: "a folder of frame folders (one clip each, --clip-frames) or a [N, C, T, H, W] tensor",
+}
+
+
+def adapt_channels(
+    x: torch.Tensor, in_channels: int, path: str | None = None, dims: int = 2
+) -> torch.Tensor:
+    """Give a probe the channel count of the model's stem (a ``dims``-D convolution).
 
     Repeating a spectrogram to 3 channels is the same arithmetic as summing an RGB stem's
     weights over its inputs; averaging RGB to 1 channel is the same as repeating a 1-channel
-    stem ÷3 (DESIGN.md, stem adaptation). Anything else has no such equivalence.
+    stem ÷3 (DESIGN.md, stem adaptation), for kernels of any dimension. Anything else has no
+    such equivalence.
     """
-    if x.ndim != 4:
-        raise BnfixError(f"a probe must be [N, C, H, W], not {list(x.shape)}", path)
+    if dims == 1 and x.ndim == 4 and x.shape[1] == 1 and x.shape[2] == 1:
+        x = x[:, :, 0]  # a saved [N, 1, samples] waveform batch, read as [N, 1, 1, samples]
+    if x.ndim != dims + 2:
+        want = SAMPLE_SHAPES.get(dims, f"{dims + 2}-D")
+        raise BnfixError(
+            f"the probe is {list(x.shape)} but the model's stem is a Conv{dims}d, which takes "
+            f"{want}: give it {_HOW_TO_FEED.get(dims, 'a tensor of that shape')}",
+            path,
+        )
     channels = x.shape[1]
     if channels == in_channels:
         return x
     if channels == 1 and in_channels == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
+        return x.expand(-1, 3, *x.shape[2:]).contiguous()
     if channels == 3 and in_channels == 1:
         return x.mean(dim=1, keepdim=True)
     raise BnfixError(
@@ -318,6 +346,9 @@ def _read_each(
 
 
 def _load_audio(root: Path, files: list[Path], limit: int | None, opts: AudioOptions) -> Probe:
+    if opts.input == "waveform":
+        return _load_waveforms(root, files, limit, opts)
+
     def read(f: Path) -> tuple[torch.Tensor, int]:
         wave, rate = read_audio(f, opts)
         return features_with_length(wave, rate, opts)
@@ -328,6 +359,44 @@ def _load_audio(root: Path, files: list[Path], limit: int | None, opts: AudioOpt
     features = torch.stack([feats for feats, _ in results])
     tensor = normalise(features, [frames for _, frames in results], opts)
     return Probe(tensor=tensor, modality="audio", sources=sources, skipped=skipped)
+
+
+def _load_waveforms(root: Path, files: list[Path], limit: int | None, opts: AudioOptions) -> Probe:
+    """``[N, 1, samples]`` for models whose stem is a Conv1d over the raw wave."""
+
+    def read(f: Path) -> torch.Tensor:
+        wave, rate = read_audio(f, opts)
+        return waveform_features(wave, rate, opts)
+
+    results, sources, skipped = _read_each(files, limit, read)
+    if not results:
+        raise _nothing_readable("audio", root, skipped)
+    return Probe(torch.stack(results), modality="audio", sources=sources, skipped=skipped)
+
+
+def _load_clips(
+    root: Path, files: list[Path], limit: int | None, opts: ClipOptions, seed: int
+) -> Probe:
+    """One clip per folder that holds frames; a seeded random choice of folders past ``limit``."""
+    folders: dict[Path, list[Path]] = {}
+    for f in files:
+        folders.setdefault(f.parent, []).append(f)
+    chosen = sorted(folders)
+    if limit is not None and len(chosen) > limit:
+        g = torch.Generator().manual_seed(seed)
+        chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=g).tolist()]
+    results, sources, skipped = _read_each(chosen, limit, lambda d: read_clip(folders[d], opts))
+    if not results:
+        raise _nothing_readable("clip", root, skipped)
+    order = sorted(range(len(sources)), key=lambda i: sources[i])
+    probe = Probe(
+        tensor=torch.stack([results[i] for i in order]),
+        modality="visual",
+        sources=[sources[i] for i in order],
+        skipped=skipped,
+    )
+    probe.files = len(folders)
+    return probe
 
 
 def _load_images(root: Path, files: list[Path], limit: int | None, opts: ImageOptions) -> Probe:
@@ -431,13 +500,17 @@ def _pick_tensor(obj: object) -> torch.Tensor:
 
 
 def _as_batch(t: torch.Tensor) -> torch.Tensor:
-    """Check a loaded tensor is a usable ``[N, C, H, W]`` batch (``[N, H, W]`` gets C=1)."""
+    """Check a loaded tensor is a usable batch: ``[N, C, H, W]`` (``[N, H, W]`` gets C=1) or a
+    clip batch ``[N, C, T, H, W]``. (A saved waveform batch ``[N, 1, samples]`` thus reads as
+    ``[N, 1, 1, samples]``; :func:`adapt_channels` takes it for a Conv1d stem.)"""
     if not t.is_floating_point():
         raise BnfixError(f"holds {t.dtype} values; a probe must be a normalised float tensor")
     if t.ndim == 3:
         t = t.unsqueeze(1)
-    if t.ndim != 4:
-        raise BnfixError(f"has shape {list(t.shape)}; expected [N, C, H, W] or [N, H, W]")
+    if t.ndim not in (4, 5):
+        raise BnfixError(
+            f"has shape {list(t.shape)}; expected [N, C, H, W], [N, H, W] or [N, C, T, H, W]"
+        )
     if t.shape[0] == 0:
         raise BnfixError("holds 0 samples")
     t = t.detach().to(torch.float32)  # a saved leaf may still require grad

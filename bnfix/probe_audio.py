@@ -32,6 +32,9 @@ _RESAMPLE_MARGIN_FACTOR = 16
 _RESAMPLE_MARGIN_EXTRA = 16
 
 
+AUDIO_INPUTS = ("fbank", "waveform")
+
+
 @dataclass(frozen=True)
 class AudioOptions:
     """Parameters of the audio front end; the defaults are AST's (see DESIGN.md, Probe data).
@@ -47,6 +50,8 @@ class AudioOptions:
     frame_shift_ms: float = 10.0
     mean: float | None = None  # None: computed over the probe's own (unpadded) frames
     std: float | None = None  # None: likewise
+    input: str = "fbank"  # "fbank": [1, frames, mel bins]; "waveform": [1, samples] (1-D models)
+    seconds: float = 1.0  # waveform input: every clip zero-padded or cropped to this length
 
     def __post_init__(self) -> None:
         # Checked here so that a bad CLI value fails before any file is decoded, and in words
@@ -71,6 +76,12 @@ class AudioOptions:
             raise BnfixError(f"audio mean must be a finite number (got {self.mean})")
         if self.std is not None and not (math.isfinite(self.std) and self.std > 0):
             raise BnfixError(f"audio std must be a positive number (got {self.std})")
+        if self.input not in AUDIO_INPUTS:
+            raise BnfixError(
+                f"audio input must be one of {', '.join(AUDIO_INPUTS)}, not {self.input!r}"
+            )
+        if not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise BnfixError(f"--seconds must be a positive number (got {self.seconds})")
 
     @property
     def window_samples(self) -> int:
@@ -87,8 +98,10 @@ class AudioOptions:
         """Samples at ``sample_rate`` that yield exactly ``target_frames`` frames.
 
         kaldi.fbank (snip_edges=True) frames are independent of what follows them, so anything
-        past this point would only be cropped away again.
+        past this point would only be cropped away again. A waveform input needs ``seconds``.
         """
+        if self.input == "waveform":
+            return max(1, round(self.seconds * self.sample_rate))
         return (self.target_frames - 1) * self.shift_samples + self.window_samples
 
 
@@ -113,6 +126,18 @@ def read_audio(path: Path, opts: AudioOptions) -> tuple[torch.Tensor, int]:
     if data.size and not np.isfinite(data).all():
         raise BnfixError("audio holds NaN or infinite samples")
     return torch.from_numpy(np.ascontiguousarray(data.T)), rate
+
+
+def waveform_features(waveform: torch.Tensor, sample_rate: int, opts: AudioOptions) -> torch.Tensor:
+    """``[1, samples]``: mono, resampled to ``opts.sample_rate``, zero-padded or cropped to
+    ``opts.seconds`` — the raw input a 1-D (waveform) CNN takes, not normalised."""
+    mono = mono_mix(waveform)[: source_samples_needed(sample_rate, opts)]
+    if sample_rate != opts.sample_rate:
+        mono = _resampler(int(sample_rate), opts.sample_rate)(mono)
+    mono = mono[: opts.samples_needed]
+    if mono.numel() < opts.samples_needed:
+        mono = torch.nn.functional.pad(mono, (0, opts.samples_needed - mono.numel()))
+    return mono[None].contiguous()
 
 
 def audio_features(

@@ -19,7 +19,7 @@ from rich.progress import track
 from bnfix import __version__
 from bnfix.abri import PER_CHOICES, Per, abri_blocks, check_alpha, fold
 from bnfix.abri_keys import ADDITIONAL, ALPHA, ORIGINAL, is_abri
-from bnfix.architectures import build_model, stem_in_channels
+from bnfix.architectures import build_model, stem_dimensions, stem_in_channels
 from bnfix.checkpoint import (
     Checkpoint,
     check_writable,
@@ -30,10 +30,11 @@ from bnfix.checkpoint import (
 from bnfix.errors import BnfixError, one_line
 from bnfix.loading import architecture, model_from_state
 from bnfix.masks import Thresholds
-from bnfix.probe import AudioOptions, ImageOptions, Probe, batches, load_probe
+from bnfix.probe import AudioOptions, ImageOptions, Probe, adapt_channels, batches
 from bnfix.recalibrate import recalibrate
 from bnfix.repair import STRATEGIES, RepairOutcome, apply_strategy
 from bnfix.scan import CheckpointScan, scan_probe, scan_static
+from bnfix.scan_run import ProbeReader, ScanRequest
 from bnfix.stem import MODALITY_CHANNELS, adapt_stem
 
 
@@ -47,6 +48,8 @@ class RepairRequest:
     probe: Path | None = None
     probe_limit: int = 128
     seed: int = 0  # which files a --probe-limit draws
+    clip_frames: int = 16  # 3-D visual models: frames per clip
+    clip_size: int | None = None  # 3-D visual models: crop (None: the architecture's preset)
     batch_size: int = 16
     recalibrate: bool = False
     out: Path | None = None
@@ -108,9 +111,9 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
     # The probe runs in float32 (scan_probe casts the model); what is written keeps the
     # checkpoint's own precision, tensor by tensor.
     source_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
-    probe = _read_probe(r, console)
+    probe = _read_probe(r, console, model, recognition.name)
     if probe is not None:
-        _check_probe_shape(probe, r)
+        _check_probe_shape(probe, r, model)
 
     def measure(model: torch.nn.Module, source: Checkpoint, label: str) -> CheckpointScan:
         if probe is None:
@@ -231,17 +234,28 @@ def _float_dtypes(state: dict[str, torch.Tensor]) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
-def _read_probe(r: RepairRequest, console: Console) -> Probe | None:
+def _read_probe(
+    r: RepairRequest, console: Console, model: torch.nn.Module, arch: str
+) -> Probe | None:
+    """The probe in the form the model takes (clips for a 3-D stem), as ``scan`` reads it."""
     if r.probe is None:
         return None
-    with console.status(f"reading probe {r.probe}"):
-        probe = load_probe(r.probe, r.modality, r.probe_limit, r.audio, r.image, seed=r.seed)
-    for source, reason in probe.skipped:
-        console.print(f"[yellow]skipped[/yellow] {source}: {reason}", highlight=False)
-    return probe
+    request = ScanRequest(
+        [r.checkpoint],
+        modality=r.modality,
+        probe=r.probe,
+        probe_limit=r.probe_limit,
+        seed=r.seed,
+        audio=r.audio,
+        image=r.image,
+        clip_frames=r.clip_frames,
+        clip_size=r.clip_size,
+    )
+    return ProbeReader(request, console).for_model(model, arch)
 
 
-def _check_probe_shape(probe: Probe, r: RepairRequest) -> None:
+def _check_probe_shape(probe: Probe, r: RepairRequest, model: torch.nn.Module) -> None:
+    adapt_channels(probe.tensor[:0], probe.tensor.shape[1], str(r.probe), stem_dimensions(model))
     channels = MODALITY_CHANNELS[r.modality]
     got = probe.tensor.shape[1]
     if got != channels:
@@ -407,11 +421,14 @@ def _shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 def _first_run(
     model: torch.nn.Module, in_channels: int, samples: int, sizes: Sequence[int], seed: int
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The first random input ``[samples, in_channels, S, S]`` the model runs on, and its output."""
+    """The first random input the model runs on, and its output: ``[samples, in_channels, S, S]``
+    for a 2-D stem, ``[..., 8, S, S]`` (8 frames) for a 3-D one, ``[..., S·S]`` for a 1-D one."""
     failure = ""
+    dims = stem_dimensions(model)
     for size in sizes:
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(samples, in_channels, size, size, generator=g)
+        extent = {1: (size * size,), 3: (8, size, size)}.get(dims, (size, size))
+        x = torch.randn(samples, in_channels, *extent, generator=g)
         try:
             with torch.inference_mode():
                 out = model(x)
@@ -432,7 +449,7 @@ def _first_run(
         return x, tensors
     tried = ", ".join(map(str, sizes))
     raise BnfixError(
-        f"cannot verify the fold: the model runs on no random [{samples}, {in_channels}, S, S] "
+        f"cannot verify the fold: the model runs on no random [{samples}, {in_channels}, …] "
         f"input with S in {tried} (at S={sizes[-1] if sizes else '?'}: {failure or 'no size'})"
     )
 

@@ -6,6 +6,7 @@ any output is written, so a failed run leaves no file behind.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +15,20 @@ from rich.console import Console
 from rich.progress import track
 
 from bnfix.abri_keys import plain_view
-from bnfix.architectures import is_builtin, recognise, stem_in_channels
+from bnfix.architectures import is_builtin, recognise, stem_dimensions, stem_in_channels
 from bnfix.checkpoint import Checkpoint, load_checkpoint
 from bnfix.errors import BnfixError
 from bnfix.loading import architecture, model_from_state, recorded_architecture
 from bnfix.masks import Thresholds
-from bnfix.probe import AudioOptions, ImageOptions, Probe, adapt_channels, batches, load_probe
+from bnfix.probe import (
+    AudioOptions,
+    ClipOptions,
+    ImageOptions,
+    Probe,
+    adapt_channels,
+    batches,
+    load_probe,
+)
 from bnfix.scan import CheckpointScan, scan_probe, scan_static
 
 
@@ -37,28 +46,67 @@ class ScanRequest:
     thresholds: Thresholds = Thresholds()
     audio: AudioOptions = AudioOptions()
     image: ImageOptions = ImageOptions()
+    clip_frames: int = 16  # 3-D visual models: frames per clip
+    clip_size: int | None = None  # 3-D visual models: crop (None: the architecture's preset)
+
+
+class ProbeReader:
+    """Reads the probe in the form each model takes, once per form.
+
+    A 2-D model takes images (or spectrograms) one per sample; a 3-D model takes clips, one per
+    folder of frames, with its architecture's preset. Several checkpoints of one scan share
+    what was read.
+    """
+
+    def __init__(self, request: ScanRequest, console: Console | None = None) -> None:
+        self.request, self.console = request, console
+        self._read: dict[tuple, Probe] = {}
+
+    def for_model(self, model: torch.nn.Module, arch: str | None) -> Probe:
+        r = self.request
+        clip = None
+        if stem_dimensions(model) == 3 and r.modality != "audio":
+            clip = ClipOptions.for_architecture(arch, frames=r.clip_frames, size=r.clip_size)
+        key = (clip,)
+        if key not in self._read:
+            self._read[key] = self._load(clip)
+        return self._read[key]
+
+    def _load(self, clip: ClipOptions | None) -> Probe:
+        r = self.request
+        what = "clips" if clip is not None else "probe"
+        status = self.console.status(f"reading {what} {r.probe}") if self.console else None
+        with status or contextlib.nullcontext():
+            probe = load_probe(
+                r.probe, r.modality, r.probe_limit, r.audio, r.image, seed=r.seed, clip=clip
+            )
+        if self.console is not None:
+            for source, reason in probe.skipped:
+                self.console.print(f"[yellow]skipped[/yellow] {source}: {reason}", highlight=False)
+        return probe
+
+
+class _Fixed(ProbeReader):
+    """A probe already read (Python callers): every model gets it as it is."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+
+    def for_model(self, model: torch.nn.Module, arch: str | None) -> Probe:
+        return self.probe
 
 
 def run_scan(request: ScanRequest, console: Console) -> list[CheckpointScan]:
     checkpoints = [load_checkpoint(p, request.select) for p in request.checkpoints]
-    probe = None
-    if request.probe is not None:
-        with console.status(f"reading probe {request.probe}"):
-            probe = load_probe(
-                request.probe,
-                request.modality,
-                limit=request.probe_limit,
-                seed=request.seed,
-                audio=request.audio,
-                image=request.image,
-            )
-        for source, reason in probe.skipped:
-            console.print(f"[yellow]skipped[/yellow] {source}: {reason}", highlight=False)
+    probe = None if request.probe is None else ProbeReader(request, console)
     return [scan_one(ckpt, probe, request, console) for ckpt in checkpoints]
 
 
 def scan_one(
-    ckpt: Checkpoint, probe: Probe | None, request: ScanRequest, console: Console | None = None
+    ckpt: Checkpoint,
+    probe: Probe | ProbeReader | None,
+    request: ScanRequest,
+    console: Console | None = None,
 ) -> CheckpointScan:
     """Static scan always; with a probe, the model is built and the probe run through it."""
     if probe is None:
@@ -74,7 +122,11 @@ def scan_one(
         if hint:  # else build_model says what it could not recognise
             raise BnfixError("holds several models and a probe runs one" + hint, ckpt.path)
     model, recognition = model_from_state(ckpt.state_dict, arch)
-    x = adapt_channels(probe.tensor, stem_in_channels(model), str(request.probe))
+    reader = probe if isinstance(probe, ProbeReader) else _Fixed(probe)
+    probe = reader.for_model(model, recognition.name)
+    x = adapt_channels(
+        probe.tensor, stem_in_channels(model), str(request.probe), stem_dimensions(model)
+    )
     chunks = batches(x, request.batch_size)
     if console is not None:  # a progress bar on the terminal; silent when piped
         chunks = track(chunks, f"probing {ckpt.path.name}", console=console, transient=True)

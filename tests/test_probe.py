@@ -245,15 +245,17 @@ def test_only_corrupt_files_is_an_error_naming_the_first(tmp_path: Path) -> None
         load_probe(tmp_path, "visual")
 
 
-def test_limit_keeps_the_first_files_in_sorted_order(tmp_path: Path) -> None:
+def test_limit_draws_files_and_keeps_them_in_sorted_order(tmp_path: Path) -> None:
     for name in ["c", "a", "e", "b", "d"]:
         sf.write(tmp_path / f"{name}.wav", tone(200 + ord(name), 0.5, 16000), 16000)
     (tmp_path / "z").mkdir()
     sf.write(tmp_path / "z" / "0.wav", tone(300, 0.5, 16000), 16000)
 
     probe = load_probe(tmp_path, "audio", limit=2, audio=SMALL)
-    assert [Path(s).name for s in probe.sources] == ["a.wav", "b.wav"]
-    assert probe.tensor.shape[0] == 2
+    assert len(probe.sources) == 2 and probe.sources == sorted(probe.sources)
+    assert probe.tensor.shape[0] == 2 and probe.files == 6
+    again = load_probe(tmp_path, "audio", limit=2, audio=SMALL)
+    assert again.sources == probe.sources and torch.equal(again.tensor, probe.tensor)
 
     everything = load_probe(tmp_path, "audio", audio=SMALL)
     assert [Path(s).relative_to(tmp_path).as_posix() for s in everything.sources] == [
@@ -392,8 +394,11 @@ def test_a_folder_of_ready_tensors_is_concatenated(tmp_path: Path) -> None:
     assert len(probe.skipped) == 1
     assert "weights_only" in probe.skipped[0][1]
 
-    limited = load_probe(tmp_path, None, limit=4)
-    assert torch.equal(limited.tensor, torch.cat([a, b])[:4])
+    limited = load_probe(tmp_path, None, limit=4)  # 4 of the 5 rows, drawn, in file order
+    rows = [
+        i for i in range(5) if any(torch.equal(torch.cat([a, b])[i], x) for x in limited.tensor)
+    ]
+    assert len(rows) == 4 and torch.equal(limited.tensor, torch.cat([a, b])[rows])
     assert len(limited.sources) == 4
 
     torch.save(torch.randn(2, 3, 4, 4), tmp_path / "4.pt")

@@ -48,8 +48,17 @@ def strict_json(text: str) -> object:
 
 @pytest.fixture(scope="module")
 def resnet_state() -> dict[str, torch.Tensor]:
+    """A ResNet-18 whose statistics look estimated (a fresh one would lint untrained_stats)."""
     torch.manual_seed(0)
-    return {k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}
+    state = torchvision.models.resnet18().state_dict()
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.normal_(0, 0.1)
+        elif key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+        elif key.endswith("num_batches_tracked"):
+            value.fill_(100)
+    return {k: v.contiguous() for k, v in state.items()}
 
 
 @pytest.fixture
