@@ -36,6 +36,8 @@ def write_synthetic_av(
     image_size: int = 48,
     frames: int = 3,
     splits: tuple[str, ...] = SPLITS,
+    quiet_audio: float = 0.25,
+    vivid_visual: float = 0.25,
 ) -> Path:
     """Write ``classes * per_class`` samples under ``folder``; returns the manifest's path.
 
@@ -54,11 +56,11 @@ def write_synthetic_av(
             row = {"id": sample_id, "label": f"class{label}", "split": splits[i % len(splits)]}
             if "audio" in modalities:
                 audio = folder / "audio" / f"{sample_id}.wav"
-                _write_clip(audio, label, rng, sample_rate, seconds)
+                _write_clip(audio, label, rng, sample_rate, seconds, quiet_audio)
                 row["audio"] = audio.relative_to(folder).as_posix()
             if "visual" in modalities:
                 clip = folder / "frames" / sample_id
-                _write_frames(clip, label, classes, rng, image_size, frames)
+                _write_frames(clip, label, classes, rng, image_size, frames, vivid_visual)
                 row["frames"] = clip.relative_to(folder).as_posix()
             rows.append(row)
     columns = ["id", *(c for c in ("audio", "frames") if c in rows[0]), "label", "split"]
@@ -71,7 +73,8 @@ def write_synthetic_av(
 
 
 def _write_clip(
-    path: Path, label: int, rng: np.random.Generator, sample_rate: int, seconds: float
+    path: Path, label: int, rng: np.random.Generator, sample_rate: int, seconds: float,
+    quiet: float = 0.25,
 ) -> None:
     import soundfile as sf
 
@@ -79,7 +82,7 @@ def _write_clip(
     n = int(seconds * sample_rate)
     t = np.arange(n) / sample_rate
     frequency = 400.0 * 1.5**label * rng.uniform(0.97, 1.03)
-    amplitude = rng.uniform(0.004, 0.01) if rng.random() < 0.25 else rng.uniform(0.15, 0.4)
+    amplitude = rng.uniform(0.004, 0.01) if rng.random() < quiet else rng.uniform(0.15, 0.4)
     onset = rng.uniform(0, 0.3) * seconds
     envelope = np.clip((t - onset) / 0.02, 0, 1)
     tone = amplitude * envelope * np.sin(2 * np.pi * frequency * t + rng.uniform(0, 2 * np.pi))
@@ -99,11 +102,12 @@ def _write_frames(
     rng: np.random.Generator,
     size: int,
     frames: int,
+    vivid: float = 0.25,
 ) -> None:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    strength = rng.uniform(70, 100) if rng.random() < 0.25 else rng.uniform(12, 30)
+    strength = rng.uniform(70, 100) if rng.random() < vivid else rng.uniform(12, 30)
     colour = _class_colour(label, classes) * strength
     side = size // 3
     y, x = rng.integers(0, size - side, size=2)
