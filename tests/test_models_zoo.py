@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -324,3 +325,23 @@ def test_bnfix_load(
 
 def test_torchvision_zoo_lists_video_models() -> None:
     assert {"r3d_18", "mc3_18", "r2plus1d_18", "s3d"} <= torchvision_zoo.names()
+
+
+@needs_timm
+@pytest.mark.skipif(
+    not os.environ.get("BNFIX_SLOW_TESTS"), reason="builds all ~370 models: BNFIX_SLOW_TESTS=1"
+)
+def test_every_catalogue_member_is_recognised() -> None:
+    """Each member's own keys give its name back (its torchvision twin's where it has one)."""
+    from bnfix.models import timm_catalogue
+
+    wrong = {}
+    for family in timm_zoo.catalogue()[1]:
+        for member in family.members:
+            state = timm_zoo.construct(member.name, ()).state_dict()
+            want = timm_catalogue.TORCHVISION_TWINS.get(member.name, f"timm:{member.name}")
+            recognition = recognise(state)
+            got = None if recognition is None else recognition.name
+            if got != want:
+                wrong[member.name] = got
+    assert not wrong
