@@ -10,13 +10,14 @@ kept), what a scan recommends for a domain gap with healthy channels.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfix.abri import Per, abri_blocks, convert
+from bnfix.abri import Per, abri_blocks, convert_report
 from bnfix.errors import BnfixError
 from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, indices
 
@@ -25,12 +26,14 @@ STRATEGIES = ("abri", "reset-dead", "reset-all", "keep")
 
 @dataclass
 class RepairOutcome:
-    """What a strategy changed: layers, channels, and per layer which channels (reset-dead)."""
+    """What a strategy changed: layers, channels, and per layer which channels (reset-dead);
+    for ``abri``, the layers left alone and why (``skipped``: frozen or non-affine BNs...)."""
 
     strategy: str
     layers: int
     channels: int
     reset: dict[str, list[int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def flagged_channels(bn: _BatchNorm, t: Thresholds) -> list[int]:
@@ -59,9 +62,14 @@ def reset_all(model: nn.Module) -> RepairOutcome:
 
 
 def apply_abri(model: nn.Module, alpha: float = 0.5, per: Per = "layer") -> RepairOutcome:
-    convert(model, alpha=alpha, per=per)
+    """Every BatchNorm kind an ABRi block; layers ABRi leaves alone are in ``skipped`` (and a
+    warning), a kind it cannot take is a :class:`BnfixError` before anything changes."""
+    report = convert_report(model, alpha=alpha, per=per)
+    if report.skipped:
+        warnings.warn(report.summary(), UserWarning, stacklevel=2)
     blocks = abri_blocks(model)
-    return RepairOutcome("abri", len(blocks), sum(b.num_features for b in blocks.values()))
+    channels = sum(b.num_features for b in blocks.values())
+    return RepairOutcome("abri", len(blocks), channels, skipped=dict(report.skipped))
 
 
 def apply_strategy(

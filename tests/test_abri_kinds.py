@@ -277,6 +277,15 @@ def test_convert_reports_converted_and_skipped_layers():
     assert convert_report(model).kept == ["1", "5", "7"]
     with pytest.raises(BnfixError, match=r"ABRi cannot convert 2: no affine"):
         convert(model, only=["2"])
+    # repair's abri strategy carries the same account
+    from bnfix.repair import apply_strategy
+
+    fresh = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), torchvision.ops.FrozenBatchNorm2d(4)
+    )
+    with pytest.warns(UserWarning, match="1 skipped"):
+        outcome = apply_strategy(fresh, "abri")
+    assert outcome.layers == 1 and outcome.skipped == {"2": report.skipped["4"]}
 
 
 def test_a_kind_abri_cannot_take_is_one_clear_error():
