@@ -7,6 +7,7 @@ test); building, the stem and the CLI use real, randomly initialised models.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -72,6 +73,12 @@ def _real_timm(name: str, **kwargs: object) -> nn.Module:
 def _real_tv(name: str, **kwargs: object) -> nn.Module:
     torch.manual_seed(0)
     return torchvision.models.get_model(name, **kwargs).eval()
+
+
+@functools.cache
+def _shared(zoo: str, name: str) -> nn.Module:
+    """One real model per module for the tests that only read it."""
+    return _real_timm(name) if zoo == "timm" else _real_tv(name)
 
 
 def _save(state: dict[str, Tensor], path: Path) -> Path:
@@ -229,7 +236,7 @@ def test_built_model_is_bit_exact_and_runs_like_the_original(
     name: str, shape: tuple[int, ...]
 ) -> None:
     zoo_name = name.removeprefix("timm:")
-    original = _real_timm(zoo_name) if name.startswith("timm:") else _real_tv(zoo_name)
+    original = _shared("timm" if name.startswith("timm:") else "tv", zoo_name)
     state = original.state_dict()
     model, recognition = build_model(state)
     assert recognition.name == name
@@ -242,16 +249,17 @@ def test_built_model_is_bit_exact_and_runs_like_the_original(
 def test_stem_of_a_3d_model_is_adapted_for_audio() -> None:
     """An RGB Conv3d stem summed over its inputs sees a 1-channel clip as the RGB stem sees
     that clip repeated three times."""
-    original = _real_tv("r3d_18")
     model = _real_tv("r3d_18")
+    x = torch.randn(1, 1, 4, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x.repeat(1, 3, 1, 1, 1))
     assert stem_conv(model)[0] == "stem.0" and stem_dimensions(model) == 3
     note = adapt_stem(model, 1)
     assert note == "stem.0: 3 -> 1 input channels (summed over RGB)"
     assert stem_in_channels(model) == 1
     assert model.stem[0].weight.shape == (64, 1, 3, 7, 7)
-    x = torch.randn(1, 1, 4, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(model(x), original(x.repeat(1, 3, 1, 1, 1)))
+        torch.testing.assert_close(model(x), expected)
 
 
 def test_stem_of_a_1d_model_is_adapted_for_images() -> None:
@@ -274,7 +282,7 @@ def test_stem_of_a_1d_model_is_adapted_for_images() -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, nn.Module]]:
     folder = tmp_path_factory.mktemp("zoo")
-    video_model = _real_tv("r2plus1d_18")
+    video_model = _shared("tv", "r2plus1d_18")
     found = {
         "r2plus1d_18": (
             _save(video_model.state_dict(), folder / "r2plus1d.safetensors"),
@@ -282,7 +290,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
         )
     }
     if HAVE_TIMM:
-        timm_model = _real_timm("regnetx_002")
+        timm_model = _shared("timm", "regnetx_002")
         found["timm:regnetx_002"] = (
             _save(timm_model.state_dict(), folder / "regnetx.pt"),
             timm_model,
