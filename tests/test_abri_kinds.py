@@ -468,3 +468,18 @@ def test_timm_finetune_example_folds_into_the_stock_timm_model(tmp_path):
     assert deviation <= 1e-5
     stock = timm.create_model("mobilenetv3_small_050", num_classes=4)
     stock.load_state_dict(torch.load(tmp_path / "mobilenetv3_small_050.folded.pt"), strict=True)
+
+
+def test_convert_sync_batchnorm_may_run_after_convert():
+    torch.manual_seed(5)
+    model = convert(nn.Sequential(nn.Conv2d(3, 4, 1), pretrained(nn.BatchNorm2d(4), seed=6)))
+    with torch.no_grad():
+        model[1].alpha.fill_(0.3)
+    ref = copy.deepcopy(model)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    block = synced[1]
+    assert isinstance(block, ABRiBatchNorm) and type(block.original) is nn.SyncBatchNorm
+    x = torch.randn(3, 3, 4, 4)
+    torch.testing.assert_close(synced(x), ref(x))  # one process: nothing to synchronise
+    torch.testing.assert_close(block.original.running_var, ref[1].original.running_var)
+    assert type(fold(synced)[1]) is nn.SyncBatchNorm
