@@ -20,6 +20,7 @@ from bnfix.checkpoint import Checkpoint, load_checkpoint
 from bnfix.errors import BnfixError
 from bnfix.loading import architecture, model_from_state, recorded_architecture
 from bnfix.masks import Thresholds
+from bnfix.models import closest_model
 from bnfix.probe import (
     AudioOptions,
     ClipOptions,
@@ -174,8 +175,10 @@ def _name_architecture(report: CheckpointScan, ckpt: Checkpoint, request: ScanRe
         else recognise(plain_view(ckpt.state_dict))
     )
     if recognition is None:
+        closest = closest_model(plain_view(ckpt.state_dict))
+        near = f" (closest model {closest})" if closest else ""
         report.notes.append(
-            "architecture not recognised: a probe scan needs --arch "
+            f"architecture not recognised{near}: a probe scan needs --arch "
             "(a torchvision name, pkg.module:factory or timm:NAME)" + _select_hint(ckpt)
         )
     else:
