@@ -1210,7 +1210,15 @@ def _plot(out: Path, console: Console) -> None:
             )
             return
         raise
-    path = plot_run(out)
+    try:
+        path = plot_run(out)
+    except Exception as exc:  # a finished run is never failed by its picture
+        console.print(
+            f"[yellow]warning:[/] could not draw summary.png ({escape(one_line(exc))}); "
+            "retry with bnfix fusion-tune --plot-only OUT_DIR",
+            highlight=False,
+        )
+        return
     console.print(f"plot: {path}", highlight=False)
 
 
