@@ -423,7 +423,7 @@ def show_repair(result: RepairResult, console: Console) -> None:
 @click.option("--arch", help="Architecture, when the checkpoint's metadata does not name it.")
 @click.option("--select", help="Fold only keys under this prefix (e.g. audio_net.).")
 def fold(checkpoint: Path, out: Path, force: bool, arch: str | None, select: str | None) -> None:
-    """Collapse ABRi blocks into plain BatchNorm, so the stock architecture loads the weights."""
+    """Collapse ABRi blocks into each layer's own BatchNorm class, for the stock model."""
     from bnfix.repair_run import run_fold
 
     check_output(out, None, [checkpoint], "--out")
@@ -431,7 +431,7 @@ def fold(checkpoint: Path, out: Path, force: bool, arch: str | None, select: str
     console = make_console()
     console.print(
         f"folded {result.blocks} ABRi blocks of {checkpoint.name} ({result.architecture}) into "
-        f"plain BatchNorm; max eval-mode deviation on random inputs "
+        f"each layer's own BatchNorm; max eval-mode deviation on random inputs "
         f"{result.max_deviation:.2e} of the output scale",
         highlight=False,
     )

@@ -177,7 +177,11 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
 
 def _describe(outcome: RepairOutcome) -> str:
     if outcome.strategy == "abri":
-        return f"ABRi: {outcome.layers} BN layers now pretrained BN + fresh twin, mixed by α"
+        text = f"ABRi: {outcome.layers} BN layers now pretrained BN + fresh twin, mixed by α"
+        if outcome.skipped:
+            first, why = next(iter(outcome.skipped.items()))
+            text += f"; {len(outcome.skipped)} left as they were (e.g. {first}: {why})"
+        return text
     if outcome.strategy == "keep":
         return "BN layers kept as they were (no strategy applied)"
     if outcome.strategy == "reset-dead":
@@ -188,8 +192,9 @@ def _describe(outcome: RepairOutcome) -> str:
 def _source_key(key: str) -> str:
     """The key of a repaired tensor before repair: an ABRi block's tensors come from its BN."""
     parts = key.split(".")
-    if len(parts) >= 3 and parts[-2] in (ORIGINAL, ADDITIONAL):
-        return ".".join(parts[:-2] + parts[-1:])
+    inner = [i for i, part in enumerate(parts[:-1]) if part in (ORIGINAL, ADDITIONAL) and i > 0]
+    if inner:  # P.original.weight, and below it: P.original.act.weight (timm BatchNormAct2d)
+        return ".".join(parts[: inner[-1]] + parts[inner[-1] + 1 :])
     if len(parts) >= 2 and parts[-1] == ALPHA:
         return ".".join([*parts[:-1], "weight"])
     return key

@@ -97,7 +97,7 @@ class _Fixed(ProbeReader):
         return self.probe
 
 
-def run_scan(request: ScanRequest, console: Console) -> list[CheckpointScan]:
+def run_scan(request: ScanRequest, console: Console | None = None) -> list[CheckpointScan]:
     checkpoints = [load_checkpoint(p, request.select) for p in request.checkpoints]
     probe = None if request.probe is None else ProbeReader(request, console)
     return [scan_one(ckpt, probe, request, console) for ckpt in checkpoints]
