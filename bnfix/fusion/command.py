@@ -95,7 +95,7 @@ def _plot_only(out: Path) -> None:
     metavar="LIST",
     default=None,
     help="Run the whole configuration once per seed, e.g. --seeds 0,1,2 (same as "
-    "run.seeds=[0,1,2]): means, 95%% Student-t intervals and paired differences.",
+    "run.seeds=[0,1,2]): means, 95% Student-t intervals and paired differences.",
 )
 @click.option(
     "--plot-only",

@@ -107,6 +107,8 @@ def plot_run(out: str | Path) -> Path:
     markers = {arm: "osD^vP*X"[i % 8] for i, arm in enumerate(arms)}
     dashes = {arm: ("-", "--", ":", "-.")[i % 4] for i, arm in enumerate(arms)}
     n_seeds = len(folders)
+    labels = _dig(summary, ("classes", "labels")) or {}
+    chance = 100 / len(labels) if labels else None
 
     fig = plt.figure(figsize=(14, 8.5), layout="constrained")
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.1])
@@ -131,6 +133,10 @@ def plot_run(out: str | Path) -> Path:
                 low = [100 * min(v) for v in values]
                 high = [100 * max(v) for v in values]
                 ax.fill_between(epochs, low, high, color=colours[arm], alpha=0.18, lw=0)
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls=":", lw=1)
+            ax.annotate("chance", (0.01, chance), xycoords=("axes fraction", "data"),
+                        fontsize=7, color="grey", va="bottom")  # fmt: skip
         ax.set_title(f"val accuracy, {label}", fontsize=10)
         ax.set_xlabel("stage-2 epoch")
         if i == 0:
@@ -168,7 +174,12 @@ def plot_run(out: str | Path) -> Path:
         if multi
         else "one seed"
     )
-    ax.set_title(f"test accuracy and linear probes per arm ({detail})", fontsize=10)
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls=":", lw=1)
+        ax.annotate("chance", (0.002, chance), xycoords=("axes fraction", "data"), fontsize=7,
+                    color="grey", va="bottom")  # fmt: skip
+    note = "; ensemble: audio-/visual-only are the stage-1 models" if "ensemble" in compare else ""
+    ax.set_title(f"test accuracy and linear probes per arm ({detail}{note})", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     if arms:  # one legend for the whole figure, outside the data
         handles = [

@@ -702,8 +702,9 @@ def fusion_tune(
     manifest = read_manifest(config.manifest)
     # A bare --compare trains the configured rule first (stage2/), then none, as it always
     # did; a list of arms trains them in its order. Tables show the arms in --compare order.
-    order = arms[::-1] if compare is True else arms
-    phases = plan_phases(manifest.modalities, stage, config.mask.rule, order)
+    phases = plan_phases(manifest.modalities, stage, config.mask.rule, arms)
+    if compare is True:  # stable: stage 1, then stage2/, then stage2-none/
+        phases.sort(key=lambda p: (not p.startswith("stage1/"), p != "stage2"))
     _EPOCHS_RUN[0] = 0
     d = setup(config.run.device)
     try:
