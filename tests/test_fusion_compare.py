@@ -213,9 +213,9 @@ def test_a_seed_list_may_grow_on_resume_and_finished_seeds_are_kept(
     before = snapshot(out / "seed-1")
     config = load_config(data / "fusion.toml", [f"run.out_dir={out}", "run.seeds=[1]"])
     summary = fusion_tune(config, compare=ARMS, resume=True, console=quiet(), plot=False)
-    assert summary["seeds"] == [1] and summary["stats"]["compare"]["none"]["test"]["fused"][
-        "n"
-    ] == 1
+    assert (
+        summary["seeds"] == [1] and summary["stats"]["compare"]["none"]["test"]["fused"]["n"] == 1
+    )
     assert summary["stats"]["compare"]["none"]["test"]["fused"]["ci95"] is None
     after = snapshot(out / "seed-1")
     assert {k: v for k, v in after.items() if k != "config.toml"} == {
@@ -268,7 +268,9 @@ def test_ogm_ge_lowers_the_dominant_modality_share_over_seeds(run: Path) -> None
         ratio["ogm-ge"]["contribution"]["test"]["imbalance_ratio"]["mean"]
         < ratio["none"]["contribution"]["test"]["imbalance_ratio"]["mean"]
     )
-    coeffs = [r["ogm_coeff_audio"] for r in read_metrics(run / "seed-0") if r.get("arm") == "ogm-ge"]
+    coeffs = [
+        r["ogm_coeff_audio"] for r in read_metrics(run / "seed-0") if r.get("arm") == "ogm-ge"
+    ]
     assert coeffs and all(0 < k < 1 for k in coeffs)  # audio was the modulated side
 
 
@@ -386,8 +388,13 @@ def test_ogm_noise_has_the_gradient_std_and_spares_the_weaker_encoder() -> None:
 
 
 def test_t_quantiles_and_intervals_match_reference_values() -> None:
-    table = {1: 12.706204736174707, 2: 4.302652729749464, 4: 2.7764451051977934,
-             9: 2.2621571628540993, 30: 2.0422724563012373}  # fmt: skip  (scipy.stats.t.ppf)
+    table = {
+        1: 12.706204736174707,
+        2: 4.302652729749464,
+        4: 2.7764451051977934,
+        9: 2.2621571628540993,
+        30: 2.0422724563012373,
+    }  # fmt: skip  (scipy.stats.t.ppf)
     for df, q in table.items():
         assert t_quantile(0.975, df) == pytest.approx(q, rel=1e-10)
     try:
@@ -452,8 +459,11 @@ def test_ogm_ge_on_a_one_modality_manifest_is_refused(data: Path, tmp_path: Path
     lines = [",".join(r.split(",")[i] for i in keep) for r in rows]
     (data / "audio_only.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "never"
-    result = run_inprocess("fusion-tune", "--config", data / "fusion.toml", "--compare", "ogm-ge",
-                           f"data.manifest={data / 'audio_only.csv'}", f"run.out_dir={out}")  # fmt: skip
+    manifest = data / "audio_only.csv"
+    result = run_inprocess(
+        "fusion-tune", "--config", data / "fusion.toml", "--compare", "ogm-ge",
+        f"data.manifest={manifest}", f"run.out_dir={out}",
+    )  # fmt: skip
     assert result.code == 2
     assert "--compare ogm-ge needs a manifest with both audio and visual" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -48,9 +48,7 @@ def _plot_only(out: Path) -> None:
         from bnfix.fusion.plot import plot_run
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("matplotlib"):
-            raise BnfixError(
-                "--plot-only needs matplotlib: pip install 'bnfix[plot]'"
-            ) from None
+            raise BnfixError("--plot-only needs matplotlib: pip install 'bnfix[plot]'") from None
         raise
     click.echo(f"wrote {plot_run(out)}")
 

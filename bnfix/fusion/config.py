@@ -465,8 +465,7 @@ def _build(flat: Mapping[str, _Value], base: Path, source: Path | None) -> Fusio
         origin = flat.get("balance.end_epoch") or flat.get("balance.start_epoch")
         where = source if origin is not None and origin.origin == "the config file" else None
         raise BnfixError(
-            f"balance.end_epoch ({b.end_epoch}) must be ≥ balance.start_epoch "
-            f"({b.start_epoch})",
+            f"balance.end_epoch ({b.end_epoch}) must be ≥ balance.start_epoch ({b.start_epoch})",
             where,
         )
     return replace(config, source=source)

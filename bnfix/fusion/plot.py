@@ -16,9 +16,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bnfix.errors import BnfixError  # noqa: E402
+from bnfix.errors import BnfixError
 
 __all__ = ["plot_run"]
 
@@ -183,8 +183,16 @@ def plot_run(out: str | Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     if arms:  # one legend for the whole figure, outside the data
         handles = [
-            plt.Line2D([], [], color=colours[a], marker=markers[a], ls=dashes[a], mfc="none",
-                       lw=1.6, label=a if a in curves else f"{a} (no stage 2)")  # fmt: skip
+            plt.Line2D(
+                [],
+                [],
+                color=colours[a],
+                marker=markers[a],
+                ls=dashes[a],
+                mfc="none",
+                lw=1.6,
+                label=a if a in curves else f"{a} (no stage 2)",
+            )
             for a in arms
         ]
         fig.legend(handles=handles, loc="outside right upper", fontsize=9, title="arm")

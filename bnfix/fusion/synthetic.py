@@ -73,7 +73,11 @@ def write_synthetic_av(
 
 
 def _write_clip(
-    path: Path, label: int, rng: np.random.Generator, sample_rate: int, seconds: float,
+    path: Path,
+    label: int,
+    rng: np.random.Generator,
+    sample_rate: int,
+    seconds: float,
     quiet: float = 0.25,
 ) -> None:
     import soundfile as sf
