@@ -202,7 +202,9 @@ def _command(scan: CheckpointScan, action: str) -> str | None:
     modality = f" --modality {scan.modality}" if scan.modality else " --modality audio|visual"
     probe = f" --probe {scan.probe or 'PROBE'}"
     if action == REPAIR:
-        return f"bnfix repair {scan.path}{modality}{probe}"
+        # ABRi's fresh twins start at mean 0 / var 1: without recalibration the repaired model's
+        # eval mode is far off (benchmarks/recommendation_study.py: 20% vs 72% on a healthy one).
+        return f"bnfix repair {scan.path}{modality}{probe} --recalibrate"
     if action == RECALIBRATE:
         return f"bnfix repair {scan.path}{modality} --strategy keep{probe} --recalibrate"
     return None
