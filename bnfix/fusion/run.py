@@ -792,7 +792,7 @@ def _run(
     if d.main:
         if "compare" in summary:
             print_compare(console, summary["compare"], bare=_is_bare(arms, config))
-        if plot:
+        if plot and _has_stage2(summary):
             _plot(job.config.run.out_dir, console)
         console.print(f"wrote {job.config.run.out_dir}", highlight=False)
     return summary
@@ -896,11 +896,16 @@ def _run_seeds(
     if d.main:
         write_atomic(out / "summary.json", (dumps(summary, indent=1) + "\n").encode())
         print_seed_stats(console, summary, [a.name for a in arms])
-        if plot:
+        if plot and _has_stage2(summary.get("stats", {})):
             _plot(out, console)
         console.print(f"wrote {out}", highlight=False)
     d.barrier()
     return summary
+
+
+def _has_stage2(summary: Mapping[str, Any]) -> bool:
+    """summary.png shows stage 2 and its arms: a stage-1-only run has nothing to draw."""
+    return "stage2" in summary or "compare" in summary
 
 
 def _run_phases(
