@@ -18,7 +18,7 @@ class Run:
     stderr: str
 
 
-def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 240) -> Run:
+def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 900) -> Run:
     """Run the installed ``bnfix`` console script for real."""
     done = subprocess.run(
         [BNFIX, *map(str, args)],

@@ -459,7 +459,7 @@ def test_timm_finetune_example_folds_into_the_stock_timm_model(tmp_path):
          "--steps", "2", "--size", "32", "--images", "16", "--out", tmp_path],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "loads strictly into timm.create_model('mobilenetv3_small_050'" in done.stdout

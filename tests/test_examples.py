@@ -17,7 +17,7 @@ def test_abri_finetune_example_folds_into_the_stock_architecture(tmp_path, mobil
         [sys.executable, EXAMPLES / "abri_finetune.py", "--steps", "3", "--out", tmp_path],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr
     deviation = float(done.stdout.split("max deviation ")[1].split()[0])
@@ -39,7 +39,7 @@ def test_video_scan_example_runs_on_generated_clips():
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("r2plus1d_18: 4 clips of 4 frames;")

@@ -325,7 +325,7 @@ def stopped(tmp_path_factory) -> Path:
     done = subprocess.run(
         [Path(sys.executable).with_name("bnfix"), "fusion-tune", "--config", config,
          "run.out_dir=stopped"],
-        capture_output=True, text=True, cwd=folder, env=env, timeout=240,
+        capture_output=True, text=True, cwd=folder, env=env, timeout=900,
     )  # fmt: skip
     assert done.returncode == STOPPED_EXIT, done.stderr
     fusion_tune(load_config(config, [f"run.out_dir={folder / 'reference'}"]), console=quiet())
@@ -381,7 +381,7 @@ def test_resume_under_another_number_of_processes_is_refused(stopped: Path, tmp_
     done = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "bnfix", "fusion-tune",
          "--config", stopped / "fusion.toml", "--resume", f"run.out_dir={out}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=240,
+        capture_output=True, text=True, cwd=tmp_path, timeout=900,
         env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode != 0

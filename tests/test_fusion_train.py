@@ -211,7 +211,7 @@ def run_with_stop(config: Path, stop_after: int | None, *args: str) -> subproces
         text=True,
         cwd=config.parent,
         env=env,
-        timeout=240,
+        timeout=900,
     )
 
 
@@ -292,7 +292,7 @@ def test_torchrun_two_processes_record_each_confidence_once(tmp_path: Path) -> N
         text=True,
         cwd=tmp_path,
         env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"},
-        timeout=240,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 processes" in done.stdout
