@@ -42,11 +42,19 @@ def run_inprocess(*args: str | Path) -> Run:
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = int(exc.code or 0)
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "200"  # as run_cli: one report line is one line (xdist sets 80)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = columns
     return Run(code, out.getvalue(), err.getvalue())
 
 
