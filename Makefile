@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[dev,plot]'
+	$(BIN)/python -m pip install -q -e '.[dev,plot,tensorboard]'
 	$(BIN)/python -m bnfix.default_checkpoint
 	touch $(STAMP)
 
@@ -25,6 +25,8 @@ bench: install
 	$(BIN)/python benchmarks/scan_overhead.py --arch mobilenet_v2 --input 1x1024x128 --batches 4 --batch-size 8
 	$(BIN)/python benchmarks/abri_step.py --threads 1 --clock cpu
 	$(BIN)/python benchmarks/fusion_data.py --threads 1
+	$(BIN)/python benchmarks/fusion_scale.py --quick
+	$(BIN)/python benchmarks/manifest_scale.py --sizes 10000,50000
 
 lint: install
 	$(BIN)/ruff check .

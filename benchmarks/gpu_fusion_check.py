@@ -12,7 +12,8 @@ Meant for one run on a lent GPU machine (H100/H200), about 2 minutes, no network
    variants are channels_last; the timing below adds a contiguous-format step for contrast;
 2. per variant: stage-2 training samples/s per epoch (metrics.jsonl), the test accuracies
    (summary.json), and the share of a training step spent in the data path: the stage's own
-   loader (same ``EpochBatches``, pinned, workers as configured) + ``_inputs`` (to the device,
+   loader (same ``EpochBatches``, reading the memory-mapped feature stores, pinned, workers as
+   configured) + ``_inputs`` (to the device,
    crop/flip/normalise) + ``mask_patches`` with the run's ratios, timed alone against the full
    step (the same data path + bf16/fp32 forward, loss, backward, SGD step) and against the step
    on one fixed batch (compute alone); every iteration ends with a device synchronise. The
@@ -64,7 +65,7 @@ SIZES: dict[str, dict[str, Any]] = {
             "data.visual.size=112", "data.visual.frames=3",
             "stage1.epochs=1", "stage1.batch_size=32", "stage2.epochs=2", "stage2.batch_size=32",
             "mask.audio_patch=[32, 8]", "mask.visual_patch=[10, 10]",
-            "run.device=cuda", "run.workers=0",
+            "run.device=cuda",  # run.workers: the default on CUDA (DataLoader workers)
         ],
         "iters": 150, "warmup": 10,
     },
@@ -95,26 +96,15 @@ def measure(config: FusionConfig, iters: int, warmup: int) -> dict[str, Any]:
     """Time the stage-2 data path alone, the full step, and the step on one fixed batch."""
     from bnfix.fusion import masking, stages
     from bnfix.fusion.distributed import EpochBatches, setup
-    from bnfix.fusion.features import VisualOptions, load_features
+    from bnfix.fusion.features import load_features
     from bnfix.fusion.manifest import read_manifest
     from bnfix.fusion.model import Encoder
-    from bnfix.fusion.run import RunDir
-    from bnfix.probe_audio import AudioOptions
+    from bnfix.fusion.run import RunDir, feature_options
 
     quiet = Console(quiet=True)
-    a, v = config.data.audio, config.data.visual
-    features = load_features(  # the cache is warm: the run just filled it
-        read_manifest(config.manifest),
-        AudioOptions(
-            sample_rate=a.sample_rate,
-            num_mel_bins=a.mel_bins,
-            target_frames=a.target_frames,
-            mean=a.mean,
-            std=a.std,
-        ),
-        VisualOptions(frames=v.frames, size=v.size),
-        config.data.cache_dir,
-        quiet,
+    audio, visual = feature_options(config)
+    features = load_features(  # the stores are warm: the run just filled them
+        read_manifest(config.manifest), audio, visual, config.data.cache_dir, quiet
     )
     d = setup(config.run.device)
     rd = RunDir(config.run.out_dir, d, config.run.seed, quiet)
@@ -224,9 +214,10 @@ def run_variant(
     slug = name.split(",")[0].replace(" ", "-")
     out = stage1.parent / f"stage2-{slug}"
     shutil.copytree(stage1, out)
-    # The copied config.toml names the stage-1 folder as run.out_dir, and --stage 2 refuses a
-    # config that differs in it; without the file the stage-1 completeness checks still run.
-    (out / "config.toml").unlink()
+    # The copied config.toml names the stage-1 folder as run.out_dir: point it at the copy
+    # (--stage 2 needs the file, and run.out_dir may differ from it anyway).
+    saved = out / "config.toml"
+    saved.write_text(saved.read_text().replace(stage1.as_posix(), out.as_posix()))
     config = load_config(cfg_path, [*base, *extra, f"run.out_dir={out.as_posix()}"])
     cuda = config.run.device == "cuda"
     if cuda:

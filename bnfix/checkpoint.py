@@ -82,16 +82,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sniff_format(head: bytes) -> str | None:
-    """Tell a checkpoint's format from its first bytes; None for anything else."""
+def sniff_format(head: bytes, size: int | None = None) -> str | None:
+    """Tell a checkpoint's format from its first bytes (and the file's size); None for
+    anything else.
+
+    safetensors is tried first: its first byte is the low byte of the header's length, so a
+    header of 640, 896, 1152 or 1408 bytes starts ``\x80\x02``..``\x80\x05`` exactly like a
+    pickle. Its ninth byte is the header's ``{``, which a legacy ``torch.save`` file never has
+    there (bytes 2..9 are its magic number), and its header fits in the file."""
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        fits = header_len + 8 <= size if size is not None else header_len < 100_000_000
+        if header_len > 0 and fits:
+            return "safetensors"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "torch-legacy"
-    if len(head) >= 9:
-        header_len = int.from_bytes(head[:8], "little")
-        if 0 < header_len < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
     return None
 
 
@@ -111,7 +118,7 @@ def load_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
         raise BnfixError("file is empty (an interrupted download or save?)", path)
     with open(path, "rb") as fh:
         head = fh.read(16)
-    fmt = sniff_format(head)
+    fmt = sniff_format(head, size)
     if fmt is None:
         raise BnfixError(
             "not a checkpoint: expected a PyTorch (.pt/.pth/.bin/.ckpt) or .safetensors file",
@@ -133,8 +140,8 @@ def load_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
         picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not picked:
             raise BnfixError(f"no key starts with {prefix!r}; check --select", path)
-        state = picked
         notes.append(f"selected keys under '{prefix}'")
+        state = _strip_prefixes(picked, notes)  # the sub-model's own wrapper, if any
     state, official = from_official(state)
     if official:
         notes.append("renamed the official ABRi ResNet layout (bn*_addition, fusion_weight*)")
@@ -237,7 +244,8 @@ def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tenso
                 f"holds a {type(obj).__name__}, not a state dict; save model.state_dict()", path
             )
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        key = next((k for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
+        # the first nesting key that holds weights: {"model": {"depth": 18}, "weights": sd}
+        key = next((k for k in NESTING_KEYS if _tensor_count(obj.get(k)) > 0), None)
         nested_wins = key is not None and _tensor_count(obj[key]) > len(tensors)
         if tensors and not nested_wins:
             if len(tensors) < len(obj):
@@ -246,9 +254,22 @@ def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tenso
             state = {str(k): v for k, v in tensors.items()}
             return _strip_prefixes(state, notes), notes
         if key is None:
+            holding = [k for k, v in obj.items() if _tensor_count(v) > 0]
+            if len(holding) > 1:
+                # Several models side by side ({"audio_net": sd, "visual_net": sd}, DINO's
+                # student and teacher): one state dict with their names as prefixes, for
+                # --select to pick from.
+                notes.append(
+                    f"nested entries {', '.join(map(str, holding[:4]))} read as key prefixes"
+                )
+                return _flatten(obj), notes
+            if len(holding) == 1:
+                notes.append(f"unwrapped '{holding[0]}'")
+                obj = obj[holding[0]]
+                continue
             nested = [k for k, v in obj.items() if isinstance(v, Mapping)]
             hint = f" (nested entries: {', '.join(map(str, nested[:6]))})" if nested else ""
-            raise BnfixError(f"found no state dict inside{hint}; use --select or re-save", path)
+            raise BnfixError(f"found no state dict inside{hint}; re-save model.state_dict()", path)
         others = [k for k in NESTING_KEYS if k != key and isinstance(obj.get(k), Mapping)]
         note = f"unwrapped '{key}'"
         if others:
@@ -260,6 +281,17 @@ def unwrap(obj: object, path: Path | None = None) -> tuple[dict[str, torch.Tenso
         notes.append(note)
         obj = obj[key]
     raise BnfixError("nesting too deep to find a state dict", path)
+
+
+def _flatten(obj: Mapping, prefix: str = "", depth: int = 4) -> dict[str, torch.Tensor]:
+    """Every tensor under ``obj`` by its dotted path (``audio_net.conv1.weight``)."""
+    flat: dict[str, torch.Tensor] = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            flat[f"{prefix}{k}"] = v
+        elif isinstance(v, Mapping) and depth > 0:
+            flat.update(_flatten(v, f"{prefix}{k}.", depth - 1))
+    return flat
 
 
 def _tensor_count(obj: object, depth: int = 4) -> int:
@@ -307,6 +339,27 @@ def check_writable(out: Path, force: bool = False, inputs: tuple[Path, ...] = ()
         raise BnfixError("folder does not exist", Path(out).parent)
 
 
+def writes_torch(out: Path) -> bool:
+    """Whether ``out``'s name asks for a PyTorch file: ``.pt .pth .bin .ckpt`` in any case,
+    and ``.pth.tar`` (the ImageNet example's ``model_best.pth.tar``); anything else is
+    safetensors."""
+    suffixes = [x.lower() for x in out.suffixes]
+    if suffixes[-2:] == [".pth", ".tar"]:
+        return True
+    return bool(suffixes) and suffixes[-1] in TORCH_SUFFIXES
+
+
+def cpu_state_dict(module: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """``module.state_dict()`` detached on the CPU, keeping its ``_metadata``: the module
+    versions a ``.pt`` file carries (MNASNet refuses to load a state dict without them)."""
+    state = module.state_dict()
+    plain: OrderedDict[str, torch.Tensor] = OrderedDict(
+        (k, v.detach().cpu()) for k, v in state.items()
+    )
+    plain._metadata = getattr(state, "_metadata", {})  # type: ignore[attr-defined]
+    return plain
+
+
 def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor],
     out: str | Path,
@@ -325,7 +378,7 @@ def save_checkpoint(
     out = Path(out)
     check_writable(out, force, inputs)
     meta = {str(k): str(v) for k, v in metadata.items()}
-    if out.suffix in TORCH_SUFFIXES:
+    if writes_torch(out):
         plain: OrderedDict[str, torch.Tensor] = OrderedDict(state_dict)
         versions = getattr(state_dict, "_metadata", None)
         plain._metadata = dict(versions or {})  # type: ignore[attr-defined]
@@ -339,13 +392,23 @@ def save_checkpoint(
     return out
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file under this process's umask: mkstemp's
+    temporary files are 0600, and renamed into place they made every output private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(out: Path, payload: bytes) -> None:
     """Write bytes so that ``out`` is either untouched or complete, never half written."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        # a short prefix: out's own name in it made a legal 250-character name too long
+        fd, tmp = tempfile.mkstemp(prefix=".bnfix-", suffix=".tmp", dir=out.parent)
     except OSError as exc:  # read-only folder, no permission, disk full...
         raise BnfixError(f"cannot write here: {exc.strerror or one_line(exc)}", out) from None
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()

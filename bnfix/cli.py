@@ -7,7 +7,9 @@ line on stderr with exit code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +18,7 @@ import click
 from rich.console import Console
 
 from bnfix import __version__
-from bnfix.errors import BnfixError
+from bnfix.errors import BnfixError, one_line
 from bnfix.thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -50,6 +52,8 @@ class FiniteRange(click.ParamType):
 
 TOLERANCE = FiniteRange()
 SEED_HELP = "Which probe files --probe-limit draws (uniformly at random, spread over folders)."
+#: torch's and numpy's generators take a 64-bit seed; a larger one was a traceback.
+SEED = click.IntRange(0, 2**63 - 1)
 FRACTION = FiniteRange(0.0, 1.0)
 
 
@@ -71,14 +75,46 @@ def make_console(stderr: bool = False) -> Console:
     return console
 
 
-def check_output(path: Path, suffix: str | None, inputs: list[Path], option: str) -> None:
-    """Refuse an output before any work is done, so a bad one never costs a scan."""
+def check_output(
+    path: Path,
+    suffix: str | None,
+    inputs: list[Path],
+    option: str,
+    *,
+    force: bool = True,
+    others: tuple[tuple[str, Path], ...] = (),
+) -> None:
+    """Refuse an output before any work is done, so a bad one never costs a scan: a file of
+    another kind, ``-`` (outputs are files), a folder, one that is missing or not writable, an
+    input or anything inside an input folder (a plot written into the probe folder would be
+    read as a probe sample next time), another output of the same command (``others``), or
+    an existing file without ``force``."""
+    if str(path) == "-":
+        raise BnfixError(f"{option} -: this output is a file, not standard output; name one")
     if suffix and path.suffix.lower() != suffix:
         raise BnfixError(f"{option} must name a {suffix} file", path)
+    if path.is_dir():
+        raise BnfixError(f"{option} is a folder; name a file in it", path)
     if not path.parent.is_dir():
         raise BnfixError(f"{option}: folder {path.parent} does not exist", path)
-    if any(path.resolve() == p.resolve() for p in inputs):
-        raise BnfixError(f"{option} would overwrite an input file; pick another name", path)
+    if not os.access(path.parent, os.W_OK):
+        raise BnfixError(f"{option}: cannot write in folder {path.parent}", path)
+    target = path.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if target == source:
+            raise BnfixError(f"{option} would overwrite an input file; pick another name", path)
+        if source.is_dir() and target.is_relative_to(source):
+            raise BnfixError(
+                f"{option} is inside the input folder {given}, whose files are read as "
+                "input; write it elsewhere",
+                path,
+            )
+    for name, other in others:
+        if target == other.resolve():
+            raise BnfixError(f"{option} and {name} name the same file", path)
+    if not force and path.exists():
+        raise BnfixError(f"{option}: exists; pass --force to replace it", path)
 
 
 _PROBE_OPTIONS = [
@@ -86,21 +122,21 @@ _PROBE_OPTIONS = [
         "--sample-rate",
         default=16000,
         show_default=True,
-        type=click.IntRange(1000),
+        type=click.IntRange(1000, 384000),
         help="Audio probe: resample to this rate.",
     ),
     click.option(
         "--mel-bins",
         default=128,
         show_default=True,
-        type=click.IntRange(4),
+        type=click.IntRange(4, 512),
         help="Audio probe: Kaldi fbank mel bins.",
     ),
     click.option(
         "--frames",
         default=1024,
         show_default=True,
-        type=click.IntRange(1),
+        type=click.IntRange(1, 360000),
         help="Audio probe: pad or crop to this many 10 ms frames.",
     ),
     click.option("--audio-mean", type=float, help="Audio probe: normalisation mean [probe's own]."),
@@ -109,7 +145,7 @@ _PROBE_OPTIONS = [
         "--image-size",
         default=224,
         show_default=True,
-        type=click.IntRange(8),
+        type=click.IntRange(8, 4096),
         help="Visual probe: centre-crop size (resize to 8/7 of it first).",
     ),
     click.option(
@@ -124,19 +160,19 @@ _PROBE_OPTIONS = [
         "--seconds",
         default=1.0,
         show_default=True,
-        type=FiniteRange(1e-3),
+        type=FiniteRange(1e-3, 3600.0),
         help="Waveform probe: pad or crop every clip to this length.",
     ),
     click.option(
         "--clip-frames",
         default=16,
         show_default=True,
-        type=click.IntRange(1),
-        help="3-D visual models: frames per clip (one clip per folder of frames).",
+        type=click.IntRange(1, 1024),
+        help="3-D visual models: frames per clip (one clip per folder of frames or per video).",
     ),
     click.option(
         "--clip-size",
-        type=click.IntRange(8),
+        type=click.IntRange(8, 4096),
         help="3-D visual models: crop size [the architecture's Kinetics preset, e.g. 112].",
     ),
 ]
@@ -194,13 +230,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--select", help="Scan only keys under this prefix (e.g. audio_net.).")
 @click.option("--modality", type=MODALITIES, help="What the probe holds.")
 @click.option(
-    "--probe", type=click.Path(path_type=Path), help="Audio, image or tensor file/folder."
+    "--probe",
+    type=click.Path(path_type=Path),
+    help="Audio, video, image or tensor file, or a folder of them.",
 )
 @click.option("--probe-limit", default=128, show_default=True, type=click.IntRange(2))
-@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(2))
 @click.option("--json", "json_out", metavar="FILE|-", help="Write the report as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write per-layer bars (PNG).")
+@click.option("--force", is_flag=True, help="Replace an existing --json or --plot file.")
 @click.option(
     "--fail-on",
     type=FRACTION,
@@ -248,6 +287,7 @@ def scan(
     batch_size: int,
     json_out: str | None,
     plot: Path | None,
+    force: bool,
     fail_on: float | None,
     device: str,
     abs_tol: float,
@@ -261,9 +301,9 @@ def scan(
 
     inputs = list(checkpoints) + ([probe] if probe else [])
     if json_out and json_out != "-":
-        check_output(Path(json_out), ".json", inputs, "--json")
+        check_output(Path(json_out), ".json", inputs, "--json", force=force)
     if plot:
-        check_output(plot, ".png", inputs, "--plot")
+        check_output(plot, ".png", inputs, "--plot", force=force)
     request = ScanRequest(
         checkpoints=list(checkpoints),
         arch=arch,
@@ -279,6 +319,9 @@ def scan(
     )
     console = make_console(stderr=json_out == "-")
     scans = run_scan(request, console)
+    again = _for_repair(click.get_current_context())
+    for s in scans:
+        s.repeat = again
     _emit(scans, console, json_out, plot)
     if fail_on is not None:
         crossed = [s for s in scans if s.unusable_fraction > fail_on]
@@ -292,6 +335,26 @@ def scan(
             sys.exit(1)
 
 
+#: scan options repair takes too that the recommended command must not repeat: it names
+#: the probe and modality itself, and outputs and the device are the scan's own business.
+_NOT_REPEATED = frozenset({"probe", "modality", "json_out", "force", "device"})
+
+
+def _for_repair(ctx: click.Context) -> list[str]:
+    """``--option value`` for every scan option given on the command line that ``repair``
+    takes too (``--select``, ``--arch``, the probe's features...): repeated in the repair a
+    scan recommends, so it repairs the same sub-model and recalibrates on the same features."""
+    from click.core import ParameterSource
+
+    shared = {p.name for p in repair.params} - _NOT_REPEATED
+    args: list[str] = []
+    for param in ctx.command.params:
+        given = ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+        if param.name in shared and given:
+            args += [param.opts[0], str(ctx.params[param.name])]
+    return args
+
+
 def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None) -> None:
     from bnfix import report
 
@@ -299,10 +362,10 @@ def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None
     if json_out:
         report.write_json(scans, json_out, Console(file=sys.stdout))
         if json_out != "-":
-            console.print(f"wrote {json_out}", highlight=False)
+            console.print(f"wrote {json_out}", highlight=False, markup=False)
     if plot:
         report.plot(scans, plot)
-        console.print(f"wrote {plot}", highlight=False)
+        console.print(f"wrote {plot}", highlight=False, markup=False)
 
 
 @cli.command()
@@ -336,7 +399,7 @@ def _emit(scans: list, console: Console, json_out: str | None, plot: Path | None
     help="Target-modality data: scan before/after on it (and --recalibrate).",
 )
 @click.option("--probe-limit", default=128, show_default=True, type=click.IntRange(2))
-@click.option("--seed", default=0, show_default=True, type=int, help=SEED_HELP)
+@click.option("--seed", default=0, show_default=True, type=SEED, help=SEED_HELP)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(2))
 @click.option("--recalibrate", is_flag=True, help="Re-estimate running statistics on the probe.")
 @click.option(
@@ -370,13 +433,15 @@ def repair(
     **probe_settings: object,
 ) -> None:
     """Repair dead BN channels for another modality; writes a new checkpoint, never the input."""
-    from bnfix.repair_run import RepairRequest, run_repair
+    from bnfix.repair_run import RepairRequest, default_output, run_repair
 
     inputs = [checkpoint] + ([probe] if probe else [])
-    if json_out and json_out != "-":
-        check_output(Path(json_out), ".json", inputs, "--json")
+    written = out if out is not None else default_output(checkpoint, strategy)
     if out is not None:
-        check_output(out, None, inputs, "--out")
+        check_output(out, None, inputs, "--out")  # an existing one: refused later unless --force
+    if json_out and json_out != "-":
+        others = (("--out" if out is not None else "the default output", written),)
+        check_output(Path(json_out), ".json", inputs, "--json", force=force, others=others)
     request = RepairRequest(
         checkpoint=checkpoint,
         modality=modality,
@@ -413,7 +478,7 @@ def show_repair(result: RepairResult, console: Console) -> None:
         labels=("before", "after"),
         show_recommendation=False,
     )
-    console.print(f"wrote {result.out}", highlight=False)
+    console.print(f"wrote {result.out}", highlight=False, markup=False)
 
 
 @cli.command()
@@ -437,7 +502,7 @@ def fold(checkpoint: Path, out: Path, force: bool, arch: str | None, select: str
     )
     if result.verification:
         console.print(f"  {result.verification}", highlight=False)
-    console.print(f"wrote {result.out}", highlight=False)
+    console.print(f"wrote {result.out}", highlight=False, markup=False)
 
 
 @cli.command()
@@ -455,15 +520,96 @@ def demo(workdir: Path, device: str) -> None:
     run_demo(workdir, resolve_device(device), make_console())
 
 
+from bnfix.recipes import FORMATS as RECIPE_FORMATS  # noqa: E402  (light: names, csv, rich)
+
+
+@cli.command("manifest")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(list(RECIPE_FORMATS)))
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Manifest CSV [ROOT/manifest.csv].")
+@click.option("--absolute", is_flag=True, help="Write absolute paths (default: relative to --out).")
+@click.option("--strict", is_flag=True, help="Listed clips without their files are an error.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    help="ks: a folder of train/val/test .txt or .csv lists, or one CSV id,label,split.",
+)
+@click.option("--seed", type=SEED, help="cremad: which actors go to which split [0].")
+@click.option("--ratios", help="cremad: train,val,test shares of the actors [0.7,0.1,0.2].")
+@click.option(
+    "--videos",
+    type=click.Path(path_type=Path),
+    help="ave, vggsound: the folder of videos [ROOT/AVE; ROOT and ROOT/video].",
+)
+def manifest(
+    fmt: str,
+    root: Path,
+    out: Path | None,
+    absolute: bool,
+    strict: bool,
+    force: bool,
+    **options: object,
+) -> None:
+    """Write a fusion manifest for a dataset in its public layout (ks, cremad, ave, vggsound,
+    folders); see the README's "Dataset recipes"."""
+    from bnfix.recipes import build, check_out, report, write_manifest
+
+    out = out if out is not None else root / "manifest.csv"
+    if str(out) == "-":
+        raise BnfixError("--out -: the manifest is a file, not standard output; name one")
+    check_out(out, force)  # before the scan: a refusal should cost nothing
+    given = {k: v for k, v in options.items() if v is not None}
+    recipe = build(fmt, root, strict=strict, **given)
+    check_out(out, force, recipe)  # now that the dataset's own files are known
+    console = make_console()
+    report(recipe, console)
+    write_manifest(recipe, out, absolute=absolute, force=force)
+    console.print(f"wrote {out}", highlight=False, markup=False)
+
+
 from bnfix.fusion.command import fusion_tune  # noqa: E402  (registered after the group exists)
 
 cli.add_command(fusion_tune)
 
 
+def _debug(args: list[str]) -> bool:
+    """``bnfix --debug CMD ...`` (the group's option, before the command) or BNFIX_DEBUG=1."""
+    before = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))
+    return "--debug" in args[:before] or os.environ.get("BNFIX_DEBUG") == "1"
+
+
+_MAIN_PID: list[int] = []  # the process main() installed the SIGTERM handler in
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM ends the run as an exception would, so an output being written is removed
+    (the default action killed the process mid-write, leaving a full-size temp file).
+
+    Only in bnfix's own process: a forked worker inherits the handler, and a pool that stops
+    its workers with SIGTERM must see them die (a process-pool worker turns an exception in
+    its job into a result and waits for the next, and the pool then waited for good)."""
+    if os.getpid() not in _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise SystemExit(128 + signum)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    allocation = "can't allocate memory" in text or "out of memory" in text
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and allocation)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one line and exit 2 for bad input, unless --debug asks for the traceback."""
+    """Entry point: one line and exit 2 for bad input; --debug adds the traceback (and still
+    exits 2, so scripts see the same code)."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or os.environ.get("BNFIX_DEBUG") == "1"
+    debug = _debug(args)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        _MAIN_PID[:] = [os.getpid()]
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(args=args, prog_name="bnfix", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -473,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.ClickException as exc:
         if debug:
-            raise
+            traceback.print_exc()
         hint = ""
         ctx = getattr(exc, "ctx", None)
         if ctx is not None:
@@ -482,6 +628,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except BnfixError as exc:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"bnfix: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(
+            f"bnfix: error: out of memory ({one_line(exc, limit=120)}); use a smaller probe "
+            "(--probe-limit, --batch-size, --image-size, --frames)",
+            file=sys.stderr,
+        )
         sys.exit(2)

@@ -78,3 +78,10 @@ def invalid_mask(
 
 def indices(mask: torch.Tensor) -> list[int]:
     return mask.nonzero().flatten().tolist()
+
+
+def zero_layer(weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """γ = β = 0 on every channel: a design (a zero-initialised residual branch starts as the
+    identity) or an untrained file, not channels that died in pretraining; scan and repair
+    leave such a layer's channels unflagged."""
+    return bool((weight == 0).all()) and bool((bias == 0).all())

@@ -1,7 +1,9 @@
 """Probe data: the batch of real inputs a scan pushes through the model.
 
 A probe is a path: one file or a folder (read recursively, in sorted order, hidden files and
-folders ignored) of audio clips, images / video frames, or ready tensors. Whatever it holds
+folders ignored) of audio clips, images / video frames, video files, or ready tensors. A video
+gives its audio track to an audio probe, and its middle frame (a 3-D model: a clip of T frames
+at its segment centres) to a visual one. Whatever it holds
 comes back as one float32 ``[N, C, H, W]`` tensor plus where each sample came from, so the scan
 never needs to know about decoding. Unreadable files are reported and skipped: a probe folder
 scraped from a dataset almost always holds a few broken files, and one of them should not stop
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from bnfix.errors import BnfixError, one_line
+from bnfix.media.kinds import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from bnfix.probe_audio import (
     AudioOptions,
     audio_features,
@@ -30,13 +34,14 @@ from bnfix.probe_audio import (
     waveform_features,
     write_demo_audio,
 )
-from bnfix.probe_clip import ClipOptions, read_clip
-from bnfix.probe_image import ImageOptions, image_features, read_image
+from bnfix.probe_clip import ClipOptions, read_clip, read_video_clip
+from bnfix.probe_image import ImageOptions, image_features, read_image, read_video_frame
 
 __all__ = [
     "AUDIO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "TENSOR_EXTENSIONS",
+    "VIDEO_EXTENSIONS",
     "AudioOptions",
     "ClipOptions",
     "ImageOptions",
@@ -49,8 +54,6 @@ __all__ = [
     "write_demo_audio",
 ]
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TENSOR_EXTENSIONS = (".pt", ".pth", ".npy", ".safetensors")
 MODALITIES = ("audio", "visual")
 TENSOR_KEYS = ("probe", "x", "inputs")
@@ -58,8 +61,10 @@ TENSOR_KEYS = ("probe", "x", "inputs")
 _KIND_EXTENSIONS = {
     "audio": AUDIO_EXTENSIONS,
     "image": IMAGE_EXTENSIONS,
+    "video": VIDEO_EXTENSIONS,
     "tensor": TENSOR_EXTENSIONS,
 }
+#: Each modality's own kind of file; video files serve either, after the modality's own.
 _KIND_OF_MODALITY = {"audio": "audio", "visual": "image"}
 _DEFAULT_AUDIO = AudioOptions()
 _DEFAULT_IMAGE = ImageOptions()
@@ -95,6 +100,12 @@ def load_probe(
     in sorted order are often one class. Files beyond the limit are not even opened.
     ``clip`` (3-D visual models) makes each folder of frames one ``[3, T, H, W]`` sample, and
     ``limit`` then counts clips.
+
+    Video files count for either modality when the folder holds none of the modality's own
+    files: "audio" reads their audio tracks (a video without one is skipped), "visual" their
+    middle frames, or with ``clip`` one clip of T frames each at the segment centres. Without a
+    modality a video probe needs ``clip`` (a 3-D model can only mean the pictures) or a
+    waveform audio input; otherwise which half of the video to scan is asked for.
     """
     if modality is not None and modality not in MODALITIES:
         raise BnfixError(f"unknown modality {modality!r}; use 'audio' or 'visual'")
@@ -106,8 +117,10 @@ def load_probe(
             "probe path does not exist; pass a file or folder of audio clips, images or tensors",
             root,
         )
-    kind, files = _select_files(root, modality)
+    kind, files, irregular = _select_files(root, modality)
     found = len(files)
+    if kind == "video":
+        modality = modality or _video_modality(root, clip, audio)
     if kind == "tensor":
         probe = _load_tensors(root, files, modality, limit, seed)
     elif kind == "image" and clip is not None:
@@ -116,8 +129,10 @@ def load_probe(
     else:
         if limit is not None and len(files) > limit:
             files = sampling_order(files, root, seed)
-        if kind == "audio":
+        if kind == "audio" or (kind == "video" and modality == "audio"):
             probe = _load_audio(root, files, limit, audio)
+        elif kind == "video":
+            probe = _load_videos(root, files, limit, image, clip)
         else:
             probe = _load_images(root, files, limit, image)
         order = {f: i for i, f in enumerate(sorted(probe.sources))}
@@ -125,6 +140,7 @@ def load_probe(
             probe, sorted(range(len(probe.sources)), key=lambda i: order[probe.sources[i]])
         )
     probe.files = found
+    probe.skipped = irregular + probe.skipped  # never opened: FIFOs, sockets, devices
     return probe
 
 
@@ -235,57 +251,124 @@ def _kind_of(path: Path) -> str | None:
     return None
 
 
-def _list_files(root: Path) -> list[Path]:
-    """Every non-hidden file under ``root``, sorted, so a probe is the same on every run.
+_SPECIAL_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` cannot be a probe file without opening it, or None for a regular file.
+
+    ``os.stat`` follows symbolic links, so a link to a regular file counts as one. A FIFO,
+    socket or device is never opened: reading a FIFO blocks until a writer appears (forever),
+    and ``/dev/zero`` never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if path.is_symlink():
+            return "a broken symbolic link"
+        return f"cannot stat: {e.strerror or one_line(e)}"
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    return f"not a regular file ({what})"
+
+
+def _list_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every non-hidden regular file under ``root``, sorted, so a probe is the same on every run,
+    and the other non-hidden entries (FIFOs, sockets, devices, broken links) with the reason.
 
     Hidden names are skipped because macOS ``._name.wav`` resource forks and ``.DS_Store``
-    would otherwise show up as unreadable samples.
+    would otherwise show up as unreadable samples. Only regular files (or links to them) are
+    ever opened: see :func:`_not_regular`.
     """
     found: list[Path] = []
+    irregular: list[tuple[Path, str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(found)
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            f = Path(dirpath) / name
+            reason = _not_regular(f)
+            if reason is None:
+                found.append(f)
+            else:
+                irregular.append((f, reason))
+    return sorted(found), sorted(irregular)
 
 
 def _describe(kinds: list[str]) -> str:
     return ", ".join(ext for kind in kinds for ext in _KIND_EXTENSIONS[kind])
 
 
-def _select_files(root: Path, modality: str | None) -> tuple[str, list[Path]]:
-    """Decide what kind of probe ``root`` is and which of its files belong to it."""
+def _select_files(
+    root: Path, modality: str | None
+) -> tuple[str, list[Path], list[tuple[str, str]]]:
+    """Decide what kind of probe ``root`` is and which of its files belong to it.
+
+    With a modality, its own files win, then video files, then ready tensors: a folder of
+    extracted WAVs next to the videos they came from is an audio probe of the WAVs. Entries of
+    the chosen kind that are not regular files come back as ``(file, reason)`` skips, unopened;
+    a kind with only such entries is chosen as well, and is then the error that nothing of it
+    is readable.
+    """
     wanted = _KIND_OF_MODALITY.get(modality or "")
-    if root.is_file():
+    if not root.is_dir():
+        reason = _not_regular(root)
+        if reason is not None:
+            raise BnfixError(
+                f"cannot read this probe: {reason}; pass a file or folder of audio clips, "
+                "images or tensors",
+                root,
+            )
         kind = _kind_of(root)
         if kind is None:
             raise BnfixError(
                 f"unsupported probe file type {root.suffix!r}; "
-                f"use one of {_describe(['audio', 'image', 'tensor'])} or a folder",
+                f"use one of {_describe(['audio', 'image', 'video', 'tensor'])} or a folder",
                 root,
             )
-        if wanted is not None and kind not in (wanted, "tensor"):
+        if wanted is not None and kind not in (wanted, "video", "tensor"):
             raise BnfixError(
                 f"this is an {kind} file but the modality is {modality}; pass a "
                 f"{wanted} file, a folder of them or a ready tensor",
                 root,
             )
-        return kind, [root]
+        return kind, [root], []
 
     groups: dict[str, list[Path]] = {kind: [] for kind in _KIND_EXTENSIONS}
-    for f in _list_files(root):
+    unread: dict[str, list[tuple[str, str]]] = {kind: [] for kind in _KIND_EXTENSIONS}
+    regular, irregular = _list_files(root)
+    for f in regular:
         kind = _kind_of(f)
         if kind is not None:
             groups[kind].append(f)
+    for f, reason in irregular:
+        kind = _kind_of(f)
+        if kind is not None:
+            unread[kind].append((str(f), reason))
+
+    def chosen(kind: str) -> tuple[str, list[Path], list[tuple[str, str]]]:
+        if not groups[kind]:
+            raise _nothing_readable(kind, root, unread[kind])
+        return kind, groups[kind], unread[kind]
+
     if wanted is not None:
-        for kind in (wanted, "tensor"):
-            if groups[kind]:
-                return kind, groups[kind]
+        for kind in (wanted, "video", "tensor"):
+            if groups[kind] or unread[kind]:
+                return chosen(kind)
         raise BnfixError(
             f"no {modality} probe file in this folder "
-            f"(looked for {_describe([wanted, 'tensor'])}, recursively)",
+            f"(looked for {_describe([wanted, 'video', 'tensor'])}, recursively)",
             root,
         )
-    present = [kind for kind, files in groups.items() if files]
+    present = [kind for kind in _KIND_EXTENSIONS if groups[kind] or unread[kind]]
     if not present:
         raise BnfixError(
             f"no probe file in this folder (looked for {_describe(list(_KIND_EXTENSIONS))}, "
@@ -293,13 +376,26 @@ def _select_files(root: Path, modality: str | None) -> tuple[str, list[Path]]:
             root,
         )
     if len(present) > 1:
-        counts = " and ".join(_count(len(groups[k]), f"{k} file") for k in present)
+        counts = " and ".join(_count(len(groups[k]) + len(unread[k]), f"{k} file") for k in present)
         raise BnfixError(
             f"the folder mixes {counts}; pass a modality (audio or visual) "
             "or point to a folder of one kind",
             root,
         )
-    return present[0], groups[present[0]]
+    return chosen(present[0])
+
+
+def _video_modality(root: Path, clip: ClipOptions | None, audio: AudioOptions) -> str:
+    """The modality a video probe without one can only mean, or a one-line error."""
+    if clip is not None:
+        return "visual"  # a 3-D (video) model takes the pictures
+    if audio.input == "waveform":
+        return "audio"  # a 1-D (waveform) model takes the sound
+    raise BnfixError(
+        "video files hold sound and pictures: pass a modality (audio: their audio tracks; "
+        "visual: their frames)",
+        root,
+    )
 
 
 def _count(n: int, noun: str) -> str:
@@ -397,6 +493,23 @@ def _load_clips(
     )
     probe.files = len(folders)
     return probe
+
+
+def _load_videos(
+    root: Path,
+    files: list[Path],
+    limit: int | None,
+    image: ImageOptions,
+    clip: ClipOptions | None,
+) -> Probe:
+    """One sample per video file: its middle frame as an image, or (``clip``) a clip."""
+    if clip is not None:
+        results, sources, skipped = _read_each(files, limit, lambda f: read_video_clip(f, clip))
+    else:
+        results, sources, skipped = _read_each(files, limit, lambda f: read_video_frame(f, image))
+    if not results:
+        raise _nothing_readable("video", root, skipped)
+    return Probe(tensor=torch.stack(results), modality="visual", sources=sources, skipped=skipped)
 
 
 def _load_images(root: Path, files: list[Path], limit: int | None, opts: ImageOptions) -> Probe:

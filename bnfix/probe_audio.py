@@ -5,8 +5,9 @@ Transformer (16 kHz mono, 128-bin Kaldi fbank, 25 ms Hanning window, 10 ms shift
 ``(x - mean) / (2 * std)``), because a dead-channel scan is only meaningful on inputs that look
 like what the checkpoint was trained or will be fine-tuned on.
 
-Decoding goes through ``soundfile`` (libsndfile): ``torchaudio.load`` in torchaudio >= 2.9 needs
-torchcodec/FFmpeg, which a plain install does not have.
+Decoding goes through ``soundfile`` (libsndfile) for WAV/FLAC/OGG and PyAV (FFmpeg) for
+compressed audio and video containers (:mod:`bnfix.media`): ``torchaudio.load`` in torchaudio
+>= 2.9 needs torchcodec, which a plain install does not have.
 
 Readers raise :class:`~bnfix.errors.BnfixError` without a path for a file that cannot be used;
 :func:`bnfix.probe.load_probe` turns those into ``skipped`` entries.
@@ -24,6 +25,7 @@ import soundfile as sf
 import torch
 
 from bnfix.errors import BnfixError
+from bnfix.media.audio import read_audio as _decode_audio
 
 # torchaudio's resampler looks at most ~6.1 x (rate ratio) + 1 input samples beyond an output
 # sample (lowpass_filter_width=6, rolloff=0.99); this margin is comfortably wider, so reading a
@@ -115,26 +117,33 @@ def source_samples_needed(sample_rate: int, opts: AudioOptions) -> int:
 def read_audio(path: Path, opts: AudioOptions) -> tuple[torch.Tensor, int]:
     """Decode the part of ``path`` that the features use, as ``[channels, time]`` float32.
 
-    Only a prefix is read: a one-hour recording costs no more than a 10 s clip.
+    Only a prefix is read: a one-hour recording costs no more than a 10 s clip. WAV/FLAC/OGG
+    through libsndfile, anything else (MP3, AAC, Opus, a video's audio track) through PyAV:
+    see :func:`bnfix.media.read_audio`, which this is.
     """
-    try:
-        with sf.SoundFile(str(path)) as f:
-            rate = int(f.samplerate)
-            data = f.read(frames=source_samples_needed(rate, opts), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile and its codecs raise several types on bad input
-        raise BnfixError(f"cannot decode audio: {_reason(e)}") from e
-    if data.size and not np.isfinite(data).all():
-        raise BnfixError("audio holds NaN or infinite samples")
-    return torch.from_numpy(np.ascontiguousarray(data.T)), rate
+    return _decode_audio(path, opts)
+
+
+def _mono_at_rate(waveform: torch.Tensor, sample_rate: int, opts: AudioOptions) -> torch.Tensor:
+    """The mono mix at ``opts.sample_rate``, cut to what the features use. An empty track is
+    refused before the resampler, which fails on it with a reshape error."""
+    mono = mono_mix(waveform)[: source_samples_needed(sample_rate, opts)]
+    if mono.numel() == 0:
+        raise BnfixError("no audio samples (an empty or aborted recording?)")
+    if sample_rate != opts.sample_rate:
+        mono = _resampler(int(sample_rate), opts.sample_rate)(mono)
+    return mono[: opts.samples_needed]
 
 
 def waveform_features(waveform: torch.Tensor, sample_rate: int, opts: AudioOptions) -> torch.Tensor:
     """``[1, samples]``: mono, resampled to ``opts.sample_rate``, zero-padded or cropped to
     ``opts.seconds`` — the raw input a 1-D (waveform) CNN takes, not normalised."""
-    mono = mono_mix(waveform)[: source_samples_needed(sample_rate, opts)]
-    if sample_rate != opts.sample_rate:
-        mono = _resampler(int(sample_rate), opts.sample_rate)(mono)
-    mono = mono[: opts.samples_needed]
+    mono = _mono_at_rate(waveform, sample_rate, opts)
+    if mono.numel() < opts.window_samples:
+        raise BnfixError(
+            f"clip is {mono.numel() / opts.sample_rate * 1000:.1f} ms long, shorter than "
+            f"{opts.frame_length_ms:g} ms: padded to {opts.seconds:g} s it would be silence"
+        )
     if mono.numel() < opts.samples_needed:
         mono = torch.nn.functional.pad(mono, (0, opts.samples_needed - mono.numel()))
     return mono[None].contiguous()
@@ -155,11 +164,7 @@ def features_with_length(
     waveform: torch.Tensor, sample_rate: int, opts: AudioOptions
 ) -> tuple[torch.Tensor, int]:
     """:func:`audio_features` plus the number of real (unpadded) frames, for the statistics."""
-    mono = mono_mix(waveform)
-    mono = mono[: source_samples_needed(sample_rate, opts)]
-    if sample_rate != opts.sample_rate:
-        mono = _resampler(int(sample_rate), opts.sample_rate)(mono)
-    mono = mono[: opts.samples_needed]
+    mono = _mono_at_rate(waveform, sample_rate, opts)
     if mono.numel() < opts.window_samples:
         seconds = mono.numel() / opts.sample_rate
         raise BnfixError(
@@ -239,12 +244,6 @@ def _real_frame_stats(features: torch.Tensor, frames: list[int]) -> tuple[float,
     var = max(total_sq / count - mean * mean, 0.0)
     std = math.sqrt(var)
     return mean, (std if std > 1e-6 else 1.0)
-
-
-def _reason(e: BaseException) -> str:
-    """One line from a decoder's exception, without the file name libsndfile repeats."""
-    text = getattr(e, "error_string", None) or str(e) or type(e).__name__
-    return text.strip().splitlines()[0]
 
 
 # --- synthetic demo probe --------------------------------------------------------------------

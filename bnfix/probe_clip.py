@@ -2,7 +2,8 @@
 
 A 3-D stem (r3d_18, r2plus1d_18, s3d, ...) convolves over time, so one sample is a clip, not a
 frame. A probe folder of frame folders gives one clip per folder, T frames picked evenly over
-it. The defaults are torchvision's Kinetics-400 presets for its video models (resize, centre
+it; a video file gives one clip, T frames at its segment centres (:mod:`bnfix.media`). The
+defaults are torchvision's Kinetics-400 presets for its video models (resize, centre
 crop, mean/std), so batch statistics on the probe compare with what those models stored.
 """
 
@@ -68,8 +69,6 @@ def even_indices(count: int, frames: int) -> list[int]:
 
 def read_clip(files: list[Path], opts: ClipOptions) -> torch.Tensor:
     """``[3, T, size, size]`` float32 from a sorted list of frame files."""
-    import torchvision.transforms.v2.functional as TF
-
     if not files:
         raise BnfixError("holds no frame images")
     picked = [files[i] for i in even_indices(len(files), opts.frames)]
@@ -81,7 +80,21 @@ def read_clip(files: list[Path], opts: ClipOptions) -> torch.Tensor:
         frames.append(decoded[f])
     if len({tuple(x.shape) for x in frames}) != 1:
         raise BnfixError("its frames differ in size; a clip's frames must share one size")
-    video = torch.stack(frames)  # [T, 3, H, W] uint8
+    return clip_features(torch.stack(frames), opts)
+
+
+def read_video_clip(path: Path, opts: ClipOptions) -> torch.Tensor:
+    """``[3, T, size, size]`` float32: T frames of a video file at its segment centres."""
+    from bnfix.media import read_segments
+
+    return clip_features(read_segments(path, opts.frames), opts)
+
+
+def clip_features(video: torch.Tensor, opts: ClipOptions) -> torch.Tensor:
+    """uint8 ``[T, 3, H, W]`` frames to the normalised ``[3, T, size, size]`` clip a 3-D model
+    takes: the same transform for frame folders and video files."""
+    import torchvision.transforms.v2.functional as TF
+
     video = TF.resize(video, list(opts.resize), antialias=False)  # as torchvision's preset
     video = TF.center_crop(video, [opts.size, opts.size])
     video = TF.to_dtype(video, torch.float32, scale=True)

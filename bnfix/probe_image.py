@@ -149,3 +149,14 @@ def image_features(image: torch.Tensor, opts: ImageOptions) -> torch.Tensor:
     x = TF.center_crop(x, [opts.size, opts.size])
     x = TF.to_dtype(x, torch.float32, scale=True)
     return TF.normalize(x, list(opts.mean), list(opts.std))
+
+
+def read_video_frame(path: Path, opts: ImageOptions) -> torch.Tensor:
+    """A video file's middle frame (its one segment centre), transformed as an image.
+
+    One frame per video: a 2-D model sees frames one by one, and the middle frame is the
+    deterministic choice an evaluation makes.
+    """
+    from bnfix.media import read_segments
+
+    return image_features(read_segments(path, 1)[0], opts)

@@ -11,6 +11,7 @@ thresholds below come from ``benchmarks/recommendation_study.py``; README gives 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass, field
 
 from bnfix.scan import (
@@ -199,12 +200,18 @@ def _lint_reasons(scan: CheckpointScan, rec: Recommendation) -> None:
 
 
 def _command(scan: CheckpointScan, action: str) -> str | None:
-    modality = f" --modality {scan.modality}" if scan.modality else " --modality audio|visual"
-    probe = f" --probe {scan.probe or 'PROBE'}"
+    """The command to run next, each argument shell-quoted so it pastes as one (a path with
+    spaces or quotes); plain arguments stay as they are. Placeholders (``audio|visual``,
+    ``PROBE``) are left bare: they are meant to be replaced, not run."""
+    q = shlex.quote
+    modality = f" --modality {q(scan.modality)}" if scan.modality else " --modality audio|visual"
+    probe = f" --probe {q(str(scan.probe)) if scan.probe else 'PROBE'}"
+    probe += "".join(f" {q(arg)}" for arg in scan.repeat)  # the same model and features
+    path = q(str(scan.path))
     if action == REPAIR:
         # ABRi's fresh twins start at mean 0 / var 1: without recalibration the repaired model's
         # eval mode is far off (benchmarks/recommendation_study.py: 20% vs 72% on a healthy one).
-        return f"bnfix repair {scan.path}{modality}{probe} --recalibrate"
+        return f"bnfix repair {path}{modality}{probe} --recalibrate"
     if action == RECALIBRATE:
-        return f"bnfix repair {scan.path}{modality} --strategy keep{probe} --recalibrate"
+        return f"bnfix repair {path}{modality} --strategy keep{probe} --recalibrate"
     return None

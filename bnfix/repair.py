@@ -19,7 +19,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfix.abri import Per, abri_blocks, convert_report
 from bnfix.errors import BnfixError
-from bnfix.masks import Thresholds, abnormal_mask, always_dead_mask, indices
+from bnfix.masks import (
+    Thresholds,
+    abnormal_mask,
+    always_dead_mask,
+    indices,
+    invalid_mask,
+    zero_layer,
+)
 
 STRATEGIES = ("abri", "reset-dead", "reset-all", "keep")
 
@@ -37,19 +44,39 @@ class RepairOutcome:
 
 
 def flagged_channels(bn: _BatchNorm, t: Thresholds) -> list[int]:
-    """Abnormal or always-dead channels of one BN, by the scan's own rules."""
+    """Abnormal, always-dead or invalid (NaN/Inf, negative variance) channels of one BN, by
+    the scan's own rules."""
+    flagged, invalid = _masks(bn, t)
+    return indices(flagged | invalid)
+
+
+def _masks(bn: _BatchNorm, t: Thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(abnormal or always dead, invalid) channel masks of one BN."""
     weight, bias = bn.weight.detach().double().cpu(), bn.bias.detach().double().cpu()
-    return indices(abnormal_mask(weight, bias, t) | always_dead_mask(weight, bias, t))
+    flagged = abnormal_mask(weight, bias, t) | always_dead_mask(weight, bias, t)
+    if zero_layer(weight, bias):  # as the scan reports it: no channel flagged
+        flagged = torch.zeros_like(flagged)
+    if bn.running_mean is None or bn.running_var is None:
+        return flagged, ~(torch.isfinite(weight) & torch.isfinite(bias))
+    mean, var = bn.running_mean.double().cpu(), bn.running_var.double().cpu()
+    return flagged, invalid_mask(weight, bias, mean, var)
 
 
 def reset_dead(model: nn.Module, t: Thresholds = Thresholds()) -> RepairOutcome:
+    """γ=1, β=0 on flagged channels; invalid ones also get running mean 0 and variance 1
+    (a NaN statistic would otherwise keep the channel's output NaN)."""
     reset: dict[str, list[int]] = {}
     for name, bn in _affine_bns(model).items():
-        channels = flagged_channels(bn, t)
+        flagged, invalid_channels = _masks(bn, t)
+        channels = indices(flagged | invalid_channels)
         if channels:
+            invalid = indices(invalid_channels)
             with torch.no_grad():
                 bn.weight[channels] = 1.0
                 bn.bias[channels] = 0.0
+                if invalid and bn.running_mean is not None and bn.running_var is not None:
+                    bn.running_mean[invalid] = 0.0
+                    bn.running_var[invalid] = 1.0
             reset[name] = channels
     return RepairOutcome("reset-dead", len(reset), sum(map(len, reset.values())), reset)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from bnfix.architectures import build_model, stem_dimensions, stem_in_channels
 from bnfix.checkpoint import (
     Checkpoint,
     check_writable,
+    cpu_state_dict,
     load_checkpoint,
     save_checkpoint,
     sha256_file,
@@ -113,7 +114,7 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
     source_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     probe = _read_probe(r, console, model, recognition.name)
     if probe is not None:
-        _check_probe_shape(probe, r, model)
+        probe = _check_probe_shape(probe, r, model)
 
     def measure(model: torch.nn.Module, source: Checkpoint, label: str) -> CheckpointScan:
         if probe is None:
@@ -134,16 +135,20 @@ def run_repair(r: RepairRequest, console: Console) -> RepairResult:
         report.architecture = recognition.name
         return report
 
-    before = measure(model, ckpt, "before")
+    # float64 does not survive the probe's float32 round trip as float16 does: such a model
+    # is probed as a float32 copy, repaired and recalibrated in float64 itself.
+    wide = torch.float64 in source_dtypes.values()
+    before = measure(copy.deepcopy(model) if wide and probe is not None else model, ckpt, "before")
     before.notes = list(ckpt.unwrapped) + list(recognition.notes)
     outcome = apply_strategy(model, r.strategy, r.alpha, r.per, r.thresholds)
     recalibrated = 0
     if r.recalibrate and probe is not None:
-        model.to(r.device)
-        recalibrated = recalibrate(model, batches(probe.tensor, r.batch_size), r.device)
+        model.to(r.device, dtype=torch.float64 if wide else None)
+        data = probe.tensor.to(torch.float64) if wide else probe.tensor
+        recalibrated = recalibrate(model, batches(data, r.batch_size), r.device)
     model.to("cpu").eval()
     _restore_dtypes(model, source_dtypes, r.checkpoint)
-    repaired = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    repaired = cpu_state_dict(model)
     precision = _float_dtypes(repaired)
     metadata = {
         "bnfix_version": __version__,
@@ -259,8 +264,12 @@ def _read_probe(
     return ProbeReader(request, console).for_model(model, arch)
 
 
-def _check_probe_shape(probe: Probe, r: RepairRequest, model: torch.nn.Module) -> None:
-    adapt_channels(probe.tensor[:0], probe.tensor.shape[1], str(r.probe), stem_dimensions(model))
+def _check_probe_shape(probe: Probe, r: RepairRequest, model: torch.nn.Module) -> Probe:
+    """The probe in the stem's rank (a saved ``[N, 1, samples]`` wave reads as 4-D, which
+    scan takes for a Conv1d and repair refused), with the modality's channel count."""
+    tensor = adapt_channels(
+        probe.tensor, probe.tensor.shape[1], str(r.probe), stem_dimensions(model)
+    )
     channels = MODALITY_CHANNELS[r.modality]
     got = probe.tensor.shape[1]
     if got != channels:
@@ -269,6 +278,7 @@ def _check_probe_shape(probe: Probe, r: RepairRequest, model: torch.nn.Module) -
             "is this the other modality's data?",
             r.probe,
         )
+    return replace(probe, tensor=tensor)
 
 
 # ------------------------------------------------------------------------------------ fold
@@ -292,16 +302,16 @@ class FoldResult:
 
 @dataclass
 class FoldCheck:
-    """The fold's self-check: both models in eval mode on the same random inputs, in float32."""
+    """The fold's self-check: both models in eval mode on the same random inputs."""
 
-    deviation: float  # the fold maths: float32 copies of the ABRi model and of its fold
+    deviation: float  # the fold maths: float64 copies of the ABRi model and of its fold
     written_deviation: float  # the folded model as written (its own dtype), run in float32
     shape: tuple[int, ...]  # the random input that was used
     dtype: str  # the written model's floating dtype(s)
 
     def describe(self) -> str:
         shape = "×".join(map(str, self.shape))
-        text = f"verified in eval mode, in float32, on random {shape} inputs"
+        text = f"verified in eval mode, in float64, on random {shape} inputs"
         if self.dtype != "float32":
             text += (
                 f"; written as {self.dtype}, whose rounding moves the outputs by "
@@ -310,7 +320,8 @@ class FoldCheck:
         return text
 
 
-#: A fold is exact up to float32 rounding; anything above this means something is wrong.
+#: A fold is exact (checked in float64, where it is 1e-10 at worst); anything above this
+#: means something is wrong.
 FOLD_TOLERANCE = 1e-5
 #: Square input sizes the fold's self-check tries, smallest first: the first one the model
 #: runs on is used (64 suits most CNNs; Inception-v3 needs at least 75).
@@ -331,9 +342,10 @@ def run_fold(
     """Fold ``checkpoint``'s ABRi blocks into plain BatchNorm and write ``out``.
 
     The folded checkpoint keeps the checkpoint's own dtype (float16 in, float16 out). The fold
-    is verified in float32 on float32 copies of both models, against :data:`FOLD_TOLERANCE`;
-    what rounding the folded weights to a half-precision dtype costs is measured too and
-    recorded (``fold_written_deviation``), not held against the fold.
+    is verified in float64 on float64 copies of both models, against :data:`FOLD_TOLERANCE`;
+    what the written model gives in float32 (its rounding to a half-precision dtype, and
+    float32 arithmetic) is measured too and recorded (``fold_written_deviation``), not held
+    against the fold.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     check_writable(out, force, (checkpoint,))
@@ -372,7 +384,7 @@ def run_fold(
             "dtype": check.dtype,
         }
     )
-    state = {k: v.detach().cpu() for k, v in folded.state_dict().items()}
+    state = cpu_state_dict(folded)
     save_checkpoint(state, out, metadata, force=force, inputs=(checkpoint,))
     blocks = len(abri_blocks(model))
     return FoldResult(
@@ -390,24 +402,23 @@ def verify_fold(
 ) -> FoldCheck:
     """Compare the two models' eval outputs on random inputs, max |Δ| at output scale.
 
-    Runs in float32 on float32 copies (neither argument is changed), at the first of ``sizes``
-    the model accepts. Outputs may be tensors or tuples, lists, named tuples and dicts of them
-    (GoogLeNet/Inception with auxiliary heads, multi-head models): every tensor is compared.
+    The fold maths are checked in float64, on a float64 copy of the ABRi model and its fold:
+    in float32 an ill-conditioned network's own rounding is larger than any fold error
+    (timm's mixnet_s, with statistics recalibrated on a small probe, runs 5e-3 off its float64
+    outputs, and a correct fold was refused). The model as written, run in float32 as it will
+    be, is measured against the same float64 reference and recorded. Neither argument is
+    changed; the first of ``sizes`` the model accepts is used. Outputs may be tensors or
+    tuples, lists, named tuples and dicts of them (GoogLeNet/Inception with auxiliary heads,
+    multi-head models): every tensor is compared.
     """
     dtype = _float_dtypes(folded.state_dict())
-    if dtype == "float32" and _float_dtypes(model.state_dict()) == "float32":
-        reference, written = _shared_copy(model), _shared_copy(folded)  # no tensor copied
-    else:
-        reference, written = copy.deepcopy(model).float(), copy.deepcopy(folded).float()
-    reference.eval()
+    exact = copy.deepcopy(model).double().eval()
+    x, want = _first_run(exact, in_channels, samples, sizes, seed)
+    written = _shared_copy(folded) if dtype == "float32" else copy.deepcopy(folded).float()
     written.eval()
-    x, want = _first_run(reference, in_channels, samples, sizes, seed)
     with torch.inference_mode():
-        written_deviation = _deviation(want, written(x))
-        if dtype == "float32":
-            deviation = written_deviation  # the written model is the float32 fold
-        else:  # the fold maths alone: fold the float32 copy, as a float32 checkpoint would be
-            deviation = _deviation(want, fold(_shared_copy(reference))(x))
+        deviation = _deviation(want, fold(_shared_copy(exact))(x))
+        written_deviation = _deviation(want, written(x.float()))
     return FoldCheck(deviation, written_deviation, tuple(x.shape), dtype)
 
 
@@ -427,13 +438,21 @@ def _first_run(
     model: torch.nn.Module, in_channels: int, samples: int, sizes: Sequence[int], seed: int
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The first random input the model runs on, and its output: ``[samples, in_channels, S, S]``
-    for a 2-D stem, ``[..., 8, S, S]`` (8 frames) for a 3-D one, ``[..., S·S]`` for a 1-D one."""
+    for a 2-D stem, ``[..., T, S, S]`` for a 3-D one (8 frames, else 16: s3d pools over 2 of
+    its 8-times-shorter time axis), ``[..., S·S]`` for a 1-D one; in the model's dtype."""
     failure = ""
     dims = stem_dimensions(model)
-    for size in sizes:
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    extents = [
+        extent
+        for size in sizes
+        for extent in {1: [(size * size,)], 3: [(8, size, size), (16, size, size)]}.get(
+            dims, [(size, size)]
+        )
+    ]
+    for extent in extents:
         g = torch.Generator().manual_seed(seed)
-        extent = {1: (size * size,), 3: (8, size, size)}.get(dims, (size, size))
-        x = torch.randn(samples, in_channels, *extent, generator=g)
+        x = torch.randn(samples, in_channels, *extent, generator=g).to(dtype)
         try:
             with torch.inference_mode():
                 out = model(x)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bnfix.checkpoint import write_atomic
@@ -281,7 +282,7 @@ def render(
                 highlight=False,
             )
             if rec.command:
-                console.print(f"{prefix}  next: {rec.command}", highlight=False)
+                console.print(f"{prefix}  next: {escape(rec.command)}", highlight=False)
 
 
 # --------------------------------------------------------------------------- plot

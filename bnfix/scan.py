@@ -20,6 +20,7 @@ from bnfix.masks import (
     collapsed_mask,
     indices,
     invalid_mask,
+    zero_layer,
 )
 from bnfix.probe_stats import (
     ChannelStats,
@@ -91,6 +92,9 @@ class CheckpointScan:
     probe_files: int = 0  # probe files found, before --probe-limit
     probe_sources: list[str] = field(default_factory=list)  # the files the samples came from
     probe: str | None = None  # the probe path the user gave
+    #: arguments a repair of it needs to see the same model and probe (--select, --arch, the
+    #: probe's feature options, as the scan was given them), for the command it recommends
+    repeat: list[str] = field(default_factory=list)
 
     def set_probe(self, path: str | None, files: int, sources: list[str]) -> None:
         """Record the probe, which of its files were found and which were used."""
@@ -174,7 +178,7 @@ def lint_codes(bn: BNParams) -> list[str]:
         and bool((bn.running_var == 1).all())
     ):
         codes.append(UNTRAINED_STATS)  # the constructor's values: never estimated on data
-    if bool((bn.weight == 0).all()) and bool((bn.bias == 0).all()):
+    if zero_layer(bn.weight, bn.bias):
         codes.append(ZERO_LAYER)
     return codes
 
@@ -240,8 +244,14 @@ def scan_probe(
     device: torch.device | str = "cpu",
     probe_path: str | None = None,
 ) -> CheckpointScan:
-    """Static scan plus what the probe shows, with ``model`` holding ``ckpt``'s weights."""
-    bns = find_bn_layers(ckpt.state_dict)
+    """Static scan plus what the probe shows, with ``model`` holding ``ckpt``'s weights.
+
+    Layers are listed in the model's order, not the file's: safetensors stores keys sorted
+    by name (timm's ``stem.bn`` after ``s1.*``, DenseNet's ``features.norm0`` after the
+    blocks), and the recommendation reads "early" and "stem" off the order."""
+    modules = bn_modules(model)  # in module order; .to() below moves them in place
+    order = {name: i for i, name in enumerate(modules)}
+    bns = sorted(find_bn_layers(ckpt.state_dict), key=lambda bn: order.get(bn.name, len(order)))
     report = _static(ckpt, bns, t)
     report.modality = modality
     model = model.to(device=device, dtype=torch.float32)  # half-precision checkpoints too
@@ -250,7 +260,6 @@ def scan_probe(
     except RuntimeError as exc:
         message = one_line(exc, limit=200)
         raise BnfixError(f"the model cannot run on this probe ({message})", probe_path) from None
-    modules = bn_modules(model)
     for layer, bn in zip(report.layers, bns, strict=True):
         if layer.name in modules:
             add_module_lint(layer, modules[layer.name])

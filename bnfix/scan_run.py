@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import track
 
 from bnfix.abri_keys import plain_view
@@ -83,7 +84,10 @@ class ProbeReader:
             )
         if self.console is not None:
             for source, reason in probe.skipped:
-                self.console.print(f"[yellow]skipped[/yellow] {source}: {reason}", highlight=False)
+                self.console.print(
+                    f"[yellow]skipped[/yellow] {escape(str(source))}: {escape(reason)}",
+                    highlight=False,
+                )
         return probe
 
 

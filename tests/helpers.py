@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BNFIX = str(Path(sys.executable).with_name("bnfix"))
 
@@ -64,3 +66,34 @@ def one_error_line(stderr: str) -> str:
     assert len(lines) == 1, stderr
     assert lines[0].startswith("bnfix: error: ") and "Traceback" not in stderr
     return lines[0]
+
+
+TINY = "bnfix.fusion.synthetic:tiny_cnn"
+
+# The small fusion-tune run the tests start from: tiny models on 16-bin fbanks and 16-pixel
+# frames, one epoch a stage. A test states only what it changes (fusion_toml).
+SMALL_RUN: dict[str, dict[str, Any]] = {
+    "data.audio": {"mel_bins": 16, "target_frames": 32},
+    "data.visual": {"frames": 2, "size": 16},
+    "model": {"audio_arch": TINY, "visual_arch": TINY},
+    "stage1": {"epochs": 1, "batch_size": 8, "lr": 0.05},
+    "stage2": {"epochs": 1, "batch_size": 8, "lr": 0.02},
+    "mask": {"audio_patch": [8, 8], "visual_patch": [8, 8]},
+    "run": {"out_dir": "out"},
+}
+
+
+def fusion_toml(manifest: Path, changes: Mapping[str, Mapping[str, Any] | None] = {}) -> str:
+    """:data:`SMALL_RUN` on ``manifest`` as config text, with ``changes`` merged per section
+    (new sections are added; a section or key set to None is left out)."""
+    from bnfix.fusion.config import toml_text
+
+    sections: dict[str, dict[str, Any]] = {}
+    for name in {"data": None, **SMALL_RUN, **changes}:
+        if name in changes and changes[name] is None:
+            continue
+        merged = {**SMALL_RUN.get(name, {}), **(changes.get(name) or {})}
+        if name == "data":
+            merged = {"manifest": manifest, **merged}
+        sections[name] = {key: value for key, value in merged.items() if value is not None}
+    return toml_text(sections)

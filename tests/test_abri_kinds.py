@@ -5,7 +5,7 @@ BNs of the layer's own normalisation (copies of the pretrained BN and of the fre
 by α, then what the kind runs after normalising (timm's ``drop`` and ``act``). Checked over
 several training steps: outputs, input and parameter gradients, both BNs' running statistics
 (momentum 0.1 and None), α per layer and per channel; then eval mode, the fold (each layer's own
-class back), SyncBatchNorm in a 2-process gloo DDP run, fold exactness on timm and torchvision
+class back), SyncBatchNorm and DDP in a 2-process gloo run, fold exactness on timm and torchvision
 video models, and how convert reports what it converts and skips.
 """
 
@@ -24,7 +24,7 @@ import timm
 import torch
 import torchvision
 from helpers import one_error_line, run_inprocess
-from test_abri import assert_scaled_close
+from test_abri import assert_scaled_close, ddp_lockstep
 from timm.layers import BatchNormAct2d
 from torch import nn
 
@@ -182,7 +182,7 @@ def test_batch_norm_act_runs_drop_then_act_after_the_mix_and_checks_its_input():
 # DDP's reducer does; on CUDA the block runs torch's own SyncBatchNorm kernels.
 
 
-def _sync_worker(rank: int, world: int, init_file: str) -> None:
+def _sync_worker(rank: int, world: int, init_file: str, ddp_file: str) -> None:
     import torch.distributed as dist
     from timm.layers import convert_sync_batchnorm
 
@@ -192,6 +192,7 @@ def _sync_worker(rank: int, world: int, init_file: str) -> None:
         configs += [(0.1, "channel", True)]
         for momentum, per, act in configs:
             _sync_config(rank, world, momentum, per, act, convert_sync_batchnorm)
+        ddp_lockstep(rank, ddp_file)  # test_abri's DDP check, in the same pair of processes
     finally:
         dist.destroy_process_group()
 
@@ -244,10 +245,12 @@ def _sync_config(rank, world, momentum, per, act, convert_sync_batchnorm) -> Non
     assert type(folded) is type(bn)
 
 
-def test_sync_batch_norm_in_a_two_process_gloo_run(tmp_path):
+def test_sync_batch_norm_and_ddp_in_a_two_process_gloo_run(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    ddp_file = str(tmp_path / "ddp_state.pt")
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), ddp_file), nprocs=2, join=True)
+    assert torch.load(ddp_file + ".ok")["ok"]  # DDP kept the ABRi blocks in lockstep
 
 
 # --- convert: what it converts, skips, refuses --------------------------------------------------
@@ -349,11 +352,13 @@ def perturb(model: nn.Module, seed: int) -> None:
             new.running_var.copy_(torch.rand(c, generator=g) + 0.5)
 
 
+# The smallest member of each family: timm's test_* models are the real EfficientNet (SE,
+# BatchNormAct2d with SiLU) and ResNet-D (deep stem, avg-pool downsample) classes at toy widths.
 STOCK = {
-    "efficientnet_b0": (lambda: timm.create_model("efficientnet_b0"), (2, 3, 64, 64)),
-    "regnety_008": (lambda: timm.create_model("regnety_008"), (2, 3, 64, 64)),
-    "densenet121": (lambda: timm.create_model("densenet121"), (2, 3, 64, 64)),
-    "resnet50d": (lambda: timm.create_model("resnet50d"), (2, 3, 64, 64)),
+    "test_efficientnet": (lambda: timm.create_model("test_efficientnet"), (2, 3, 64, 64)),
+    "regnety_002": (lambda: timm.create_model("regnety_002"), (2, 3, 64, 64)),
+    "densenet121": (lambda: timm.create_model("densenet121"), (2, 3, 32, 32)),
+    "test_resnet": (lambda: timm.create_model("test_resnet"), (2, 3, 64, 64)),
     "r2plus1d_18": (lambda: torchvision.models.video.r2plus1d_18(), (1, 3, 4, 32, 32)),
 }
 

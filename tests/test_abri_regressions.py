@@ -58,7 +58,7 @@ def train_steps(model: nn.Module, steps: int, lr: float, seed: int) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        loss = model(torch.randn(4, 3, 64, 64, generator=gen)).logsumexp(1).mean()
+        loss = model(torch.randn(4, 3, 32, 32, generator=gen)).logsumexp(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -71,7 +71,7 @@ def test_mean_teacher_eval_follows_ema_written_through_data():
     """The mean-teacher update writes through ``.data``; the teacher must evaluate its weights."""
     student = abri_resnet18(seed=0)
     teacher = copy.deepcopy(student).eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         teacher(x)  # an eval forward before the update (a cache would be filled here)
     train_steps(student, steps=3, lr=0.5, seed=1)
@@ -90,7 +90,7 @@ def test_mean_teacher_eval_follows_ema_written_through_data():
 
 def test_vector_to_parameters_and_module_to_reach_eval():
     model = abri_resnet18(seed=2).eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         model(x)
         vec = nn.utils.parameters_to_vector(model.parameters())
@@ -196,7 +196,7 @@ def test_convert_twice_leaves_the_model_unchanged():
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = abri_blocks(model)
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
         before = model(x)
     for kwargs in ({}, {"alpha": 0.9, "per": "layer"}, {"only": ["bn1", "layer1.0.bn2"]}):
@@ -305,3 +305,54 @@ def test_out_of_memory_inside_the_kernel_updates_nothing(monkeypatch, count, mom
         with pytest.raises(torch.OutOfMemoryError):
             model(torch.randn(2, 3, 6, 6))
     _assert_same_state(model, state)
+
+
+class _Shared(nn.Module):
+    """One BatchNorm in two places (``self.bn2 = self.bn``, as siamese and multi-view code
+    writes it), run twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = pretrained_bn(6, 0.1, seed=4)
+        self.bn2 = self.bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.bn(self.conv1(x))))
+
+
+def test_a_batchnorm_in_two_places_becomes_one_block_in_both_and_folds_in_both() -> None:
+    """convert swapped a shared BN at its first name only: the second place still ran the
+    pretrained BN alone (the block's own ``original``), ignoring α and the twin — 2.77× off at
+    α = 0 — and updated its statistics twice a step; fold then left that place an ABRi block."""
+    from bnfix.abri import convert_report
+
+    torch.manual_seed(0)
+    model = _Shared()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    report = convert_report(model, alpha=0.0)
+    assert report.aliases == {"bn": ["bn2"]} and "bn = bn2" in report.summary()
+    assert isinstance(model.bn, ABRiBatchNorm2d) and model.bn2 is model.bn
+    fresh = RefBN(torch.ones(6), torch.zeros(6), torch.zeros(6), torch.ones(6), 0, 1e-5, 0.1)
+    c1, c2 = model.conv1, model.conv2
+    model.eval()
+    with torch.no_grad():
+        h = fresh(F.conv2d(x.double(), c1.weight.double(), c1.bias.double(), padding=1), False)
+        want = fresh(F.conv2d(h, c2.weight.double(), c2.bias.double(), padding=1), False)
+        assert_scaled_close(model(x), want, 1e-5)
+    model.train()
+    loss = model(x).sum() + model(x * 2).sum()  # two views, then one backward
+    loss.backward()
+    assert int(model.bn.original.num_batches_tracked) == 7 + 4  # 2 views x 2 places
+    assert set(abri_blocks(model)) == {"bn", "bn2"}
+    assert convert_report(_Shared(), only=["bn2"]).converted == {"bn": "BatchNorm2d"}
+
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    fold(model)
+    assert type(model.bn) is nn.BatchNorm2d and model.bn2 is model.bn
+    assert abri_blocks(model) == {}
+    with torch.no_grad():
+        assert_scaled_close(model(x), before, 1e-6)

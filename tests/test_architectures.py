@@ -7,6 +7,7 @@ must reproduce exactly.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import run_inprocess
 from torch import Tensor, nn
 
 from bnfix.architectures import (
@@ -28,6 +30,7 @@ from bnfix.architectures import (
     recognise,
     stem_in_channels,
 )
+from bnfix.checkpoint import load_checkpoint
 from bnfix.errors import BnfixError
 from bnfix.models import torchvision_zoo
 
@@ -413,6 +416,16 @@ def make():
     return TinyNet()
 
 
+class Wrapped(nn.Module):
+    # the whole network in one attribute named like a wrapper's prefix
+    def __init__(self):
+        super().__init__()
+        self.encoder = TinyNet()
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
 def make_int():
     return 3
 
@@ -477,6 +490,32 @@ def test_bad_factory_specs(factory_module: str, target: str, message: str) -> No
 def test_factory_module_that_does_not_exist() -> None:
     with pytest.raises(BnfixError, match="cannot import 'bnfix_no_such_module'"):
         build_model(TinyNet().state_dict(), arch="bnfix_no_such_module:make")
+
+
+def test_factory_whose_one_module_is_named_like_a_wrapper_fits_its_own_state_dict(
+    factory_module: str, tmp_path: Path
+) -> None:
+    """Every key of ``Wrapped().state_dict()`` starts ``encoder.``, which loading strips as a
+    wrapper's prefix: the factory then did not fit its own weights (keys missing and
+    unexpected), with no way to keep the prefix. The prefix goes back on when that fits."""
+    module = importlib.import_module(factory_module)
+    torch.manual_seed(0)
+    original = module.Wrapped().eval()
+    torch.save(original.state_dict(), tmp_path / "enc.pt")
+    ckpt = load_checkpoint(tmp_path / "enc.pt")
+    assert "stripped prefix 'encoder.'" in ckpt.unwrapped
+    model, recognition = build_model(ckpt.state_dict, arch=f"{factory_module}:Wrapped")
+    assert f"kept the prefix 'encoder.': {factory_module}:Wrapped names its own module so" in (
+        recognition.notes
+    )
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(x), original(x))
+    out = tmp_path / "enc.keep.pt"
+    done = run_inprocess("repair", tmp_path / "enc.pt", "--arch", f"{factory_module}:Wrapped",
+                         "--modality", "visual", "--strategy", "keep", "--out", out)  # fmt: skip
+    assert done.code == 0, done.stderr
+    module.Wrapped().load_state_dict(torch.load(out))  # strict: the factory's own names
 
 
 def test_factory_that_does_not_fit(factory_module: str, real: ModelFactory) -> None:

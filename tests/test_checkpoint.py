@@ -92,6 +92,29 @@ def test_format_is_sniffed_not_trusted_from_suffix(tmp_path, state):
     assert load_checkpoint(path).format == "safetensors"
 
 
+@pytest.mark.parametrize("header_len", [0x280, 0x380, 0x480, 0x580])
+def test_safetensors_whose_header_length_looks_like_a_pickle_keep_their_metadata(
+    tmp_path, header_len
+):
+    """A header of 0x480 bytes starts the file with ``80 04``, a pickle's protocol-4 opcode:
+    it was read as a legacy torch file, which loads the tensors and drops the metadata (a
+    fusion checkpoint's audio normalisation with it). Sized by padding one metadata value."""
+    state = {"bn.weight": torch.randn(4), "bn.num_batches_tracked": torch.tensor(3)}
+    path = tmp_path / "m.safetensors"
+    for pad in range(2048):
+        meta = {"bnfix_version": "x", "pad": "p" * pad}
+        save_checkpoint(state, path, meta, force=True)
+        if int.from_bytes(path.read_bytes()[:8], "little") == header_len:
+            break
+    else:
+        pytest.fail(f"no padding gives a {header_len}-byte header")
+    assert path.read_bytes()[:1] == b"\x80"
+    back = load_checkpoint(path)
+    assert back.format == "safetensors"
+    assert back.metadata == meta
+    assert_same(back.state_dict, state)
+
+
 def test_select_picks_one_sub_model(tmp_path, state):
     path = tmp_path / "av.pt"
     both = {f"audio_net.{k}": v for k, v in state.items()}
@@ -207,3 +230,47 @@ def test_truncated_files_are_refused(tmp_path, state, suffix):
 def test_missing_file(tmp_path):
     with pytest.raises(BnfixError, match="no such file"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("name", ["model_best.pth.tar", "OUT.PT", "w.Pth", "x.ckpt"])
+def test_pytorch_names_in_any_case_are_written_as_pytorch(tmp_path, state, name):
+    """``--out model_best.pth.tar`` (the ImageNet example's name) or ``OUT.PT`` was written as
+    safetensors, which ``torch.load`` then cannot read."""
+    out = save_checkpoint(state, tmp_path / name, {"strategy": "keep"})
+    back = torch.load(out, weights_only=True)
+    assert_same(dict(back), state)
+    assert load_checkpoint(out).metadata == {"strategy": "keep"}
+
+
+def test_models_side_by_side_are_read_as_prefixes_for_select(tmp_path, state):
+    """``{"audio_net": sd, "visual_net": sd}`` and DINO's ``{"student", "teacher"}`` were
+    "found no state dict ... use --select", and --select gave the same error: the nesting is
+    read as key prefixes now, and a selected sub-model loses its own wrapper prefix."""
+    path = tmp_path / "av.pt"
+    torch.save({"audio_net": state, "visual_net": {k: v + 1 for k, v in state.items()},
+                "epoch": 7}, path)  # fmt: skip
+    both = load_checkpoint(path)
+    assert set(both.state_dict) == {f"{m}.{k}" for m in ("audio_net", "visual_net") for k in state}
+    assert "nested entries audio_net, visual_net read as key prefixes" in both.unwrapped
+    visual = load_checkpoint(path, select="visual_net")
+    assert_same(visual.state_dict, {k: v + 1 for k, v in state.items()})
+
+    dino = tmp_path / "dino.pth"
+    teacher = {f"backbone.{k}": v for k, v in state.items()}
+    torch.save({"student": {f"module.{k}": v * 2 for k, v in teacher.items()},
+                "teacher": teacher, "epoch": 100}, dino)  # fmt: skip
+    picked = load_checkpoint(dino, select="teacher")
+    assert_same(picked.state_dict, state)
+    assert "stripped prefix 'backbone.'" in picked.unwrapped
+    student = load_checkpoint(dino, select="student")
+    assert_same(student.state_dict, {k: v * 2 for k, v in state.items()})
+
+
+def test_a_config_under_a_nesting_key_does_not_hide_the_weights(tmp_path, state):
+    """``{"model": {"name": "resnet", "depth": 18}, "weights": sd}``: the first nesting key
+    that is a mapping was taken, although it holds no tensor."""
+    path = tmp_path / "cfg.pt"
+    torch.save({"model": {"name": "resnet", "depth": 18}, "weights": state}, path)
+    back = load_checkpoint(path)
+    assert_same(back.state_dict, state)
+    assert "unwrapped 'weights'" in back.unwrapped[0]

@@ -14,7 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def test_abri_finetune_example_folds_into_the_stock_architecture(tmp_path, mobilenet_v2_path):
     done = subprocess.run(
-        [sys.executable, EXAMPLES / "abri_finetune.py", "--steps", "3", "--out", tmp_path],
+        [sys.executable, EXAMPLES / "abri_finetune.py", "--steps", "1", "--out", tmp_path],
         capture_output=True,
         text=True,
         timeout=900,

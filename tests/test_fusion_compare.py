@@ -8,6 +8,7 @@ asserted are the runs' own or computed by hand here.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_inprocess
+from helpers import TINY, fusion_toml, run_inprocess
 from rich.console import Console
 
 from bnfix.architectures import build_model
@@ -33,50 +34,17 @@ from bnfix.fusion.run import STOP_AFTER_ENV, STOPPED_EXIT, fusion_tune
 from bnfix.fusion.stats import interval, paired, shapley, t_quantile
 from bnfix.fusion.synthetic import write_synthetic_av
 
-TINY = "bnfix.fusion.synthetic:tiny_cnn"
 TIMING = ("samples_per_s", "seconds")
 ARM_KEYS = ("phase", "rule", "arm")
 ARMS = "none,adaptive,ogm-ge,ensemble"
-CONFIG = """\
-[data]
-manifest = "{manifest}"
-cache_dir = "{cache}"
-
-[data.audio]
-mel_bins = 16
-target_frames = 32
-
-[data.visual]
-frames = 2
-size = 24
-
-[model]
-audio_arch = "{arch}"
-visual_arch = "{arch}"
-
-[stage1]
-epochs = 1
-batch_size = 8
-lr = 0.05
-
-[stage2]
-epochs = 2
-batch_size = 8
-lr = 0.02
-
-[mask]
-tau = 0.0
-rho = 0.0
-audio_patch = [8, 4]
-visual_patch = [6, 6]
-
-[balance]
-alpha = 4.0
-
-[run]
-out_dir = "out"
-seeds = [0, 1]
-"""
+# Rule adaptive with rho = 0 masks nothing; alpha 4 is OGM-GE's strength.
+CHANGES = {
+    "data.visual": {"size": 24},
+    "stage2": {"epochs": 2},
+    "mask": {"tau": 0.0, "rho": 0.0, "audio_patch": [8, 4], "visual_patch": [6, 6]},
+    "balance": {"alpha": 4.0},
+    "run": {"seeds": [0, 1]},
+}
 
 
 def quiet() -> Console:
@@ -107,9 +75,8 @@ def data(tmp_path_factory) -> Path:
         splits=("train", "train", "val", "test"), quiet_audio=0.0, vivid_visual=0.5,
     )  # fmt: skip
     config = folder / "fusion.toml"
-    config.write_text(
-        CONFIG.format(manifest=folder / "manifest.csv", cache=folder / "cache", arch=TINY)
-    )
+    changes = {**CHANGES, "data": {"cache_dir": folder / "cache"}}
+    config.write_text(fusion_toml(folder / "manifest.csv", changes))
     return folder
 
 
@@ -247,6 +214,33 @@ def test_shapley_values_sum_to_fused_minus_neither_every_epoch(run: Path) -> Non
     assert shapley(0.9, 0.7, 0.4, 0.3) == pytest.approx(
         {"shapley_audio": 0.45, "shapley_visual": 0.15, "share_audio": 0.75}
     )
+
+
+def test_seed_table_says_when_a_value_is_over_fewer_seeds_than_its_title() -> None:
+    """audio's Shapley share is undefined on a seed where φa + φv = 0; the table titled
+    "over 3 seeds" printed the one seed that had it as a bare 100.0%."""
+    from bnfix.fusion.run import aggregate, print_seed_stats
+
+    def arm(fused: float, audio: float, visual: float, none: float) -> dict:
+        contribution = {"acc_none": none, **shapley(fused, audio, visual, none)}
+        test = {"fused": fused, "audio": audio, "visual": visual}
+        probe = {"audio": 1.0, "visual": 0.5}
+        return {"test": test, "probe": probe, "contribution": {"test": contribution}}
+
+    flat, audio_wins = (1 / 3, 1 / 3, 1 / 3, 1 / 3), (2 / 3, 2 / 3, 1 / 3, 1 / 3)
+    runs = {seed: {"classes": {}, "compare": {"none": arm(*v), "adaptive": arm(*flat)}}
+            for seed, v in enumerate((flat, audio_wins, flat))}  # fmt: skip
+    summary = aggregate(runs, ["none", "adaptive"])
+    share = summary["stats"]["compare"]["none"]["contribution"]["test"]["share_audio"]
+    assert (share["mean"], share["n"]) == (1.0, 1)
+    console = Console(width=160, record=True, file=io.StringIO())
+    print_seed_stats(console, summary, ["none", "adaptive"])
+    text = console.export_text()
+    assert "over 3 seeds" in text
+    row = next(line for line in text.splitlines() if "share" in line.lower())
+    assert "100.0% (n=1 of 3)" in row and "n/a" in row  # adaptive: no seed has a share
+    fused = next(line for line in text.splitlines() if line.startswith("│ fused"))
+    assert "44.4 ± 47.8%" in fused and "33.3 ± 0.0%" in fused and "(n=" not in fused
 
 
 def test_ogm_ge_lowers_the_dominant_modality_share_over_seeds(run: Path) -> None:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import one_error_line, run_cli
 
 from bnfix.errors import BnfixError
 from bnfix.fusion.config import (
@@ -18,6 +18,7 @@ from bnfix.fusion.config import (
     render_toml,
     valid_keys,
 )
+from bnfix.fusion.extract import SAMPLE_TIMEOUT
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fusion_tune.toml"
 
@@ -53,6 +54,7 @@ def test_defaults_and_relative_paths(folder: Path) -> None:
     assert config.stage1 == StageConfig() and config.mask == MaskConfig()
     assert config.mask.audio_patch == (32, 8) and config.mask.visual_patch == (10, 10)
     assert config.model.audio_arch == "resnet18" and config.model.visual_init == "scratch"
+    assert config.data.sample_timeout == SAMPLE_TIMEOUT  # the library's default, not a copy
 
 
 def test_default_cache_is_next_to_the_manifest(folder: Path) -> None:
@@ -113,6 +115,7 @@ def test_unknown_keys_name_the_nearest_valid_one(folder, text, overrides, expect
     [
         ("stage1.lr=fast", "stage1.lr must be a number > 0 (got 'fast'"),
         ("stage1.lr=0", "stage1.lr must be a number > 0"),
+        ("data.sample_timeout=0", "data.sample_timeout must be a number > 0"),
         ("stage1.epochs=2.5", "stage1.epochs must be an integer ≥ 1"),
         ("stage2.batch_size=1", "stage2.batch_size must be an integer ≥ 2"),
         ("stage1.epochs=true", "stage1.epochs must be an integer"),
@@ -159,13 +162,6 @@ def test_the_example_config_names_every_key(folder: Path) -> None:
     config = load_config(EXAMPLE, [f"data.manifest={folder / 'data' / 'm.csv'}"])
     assert config.stage1 == StageConfig() and config.mask == MaskConfig()
     assert config.run.out_dir == EXAMPLE.parent / "runs" / "fusion"
-
-
-def one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("bnfix: error: ") and "Traceback" not in stderr
-    return lines[0]
 
 
 def test_cli_refuses_bad_configs_with_one_line_and_writes_nothing(tmp_path: Path) -> None:

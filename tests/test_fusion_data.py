@@ -73,6 +73,7 @@ def _console() -> tuple[rich.console.Console, io.StringIO]:
 
 def _load(manifest: Manifest, cache: Path, audio: AudioOptions = AUDIO, **kw) -> FeatureSet:
     console, _ = _console()
+    kw.setdefault("workers", 1)  # one process: cheap in tests (two are tested once)
     return load_features(manifest, audio, kw.pop("visual", VISUAL), cache, console, **kw)
 
 
@@ -115,7 +116,7 @@ def test_manifest_integer_labels_absolute_paths_and_no_val(dataset: Path, tmp_pa
         (HEADER, "x,,visual/s1,dog,train", ["row 2", "'audio'", "empty", "row 1"]),
         (HEADER, "x,audio/s1.wav,visual/s1,dog", ["row 2", "4 fields", "header has 5"]),
         ("id,audio,frames,split", "x,audio/s1.wav,visual/s1,train", ["line 1", "'label'"]),
-        ("id,label,split", "x,dog,train", ["line 1", "'audio' or 'frames'"]),
+        ("id,label,split", "x,dog,train", ["line 1", "'audio', 'frames' or 'video'"]),
         ("id,audio,audio,label,split", "x,a,b,dog,train", ["line 1", "'audio'", "more than once"]),
     ],
 )
@@ -131,6 +132,35 @@ def test_manifest_errors_name_row_and_column(
     assert "\n" not in message and message.startswith(str(path))
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+def test_manifest_cells_resolve_exactly_as_path_resolve_does(tmp_path: Path) -> None:
+    """The manifest resolves each folder once and a file by one lstat; what it gives must be
+    ``Path.resolve()``'s answer and existence, through every kind of symlink and ``..``."""
+    from bnfix.fusion.manifest import _Paths
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    (elsewhere / "b").mkdir(parents=True)
+    for f in (root / "a" / "x.wav", elsewhere / "b" / "y.wav", elsewhere / "z.wav"):
+        f.write_bytes(b"")
+    (root / "linked").symlink_to(elsewhere / "b")  # a symlinked folder
+    (root / "a" / "to_z.wav").symlink_to(elsewhere / "z.wav")  # a symlinked file
+    (root / "a" / "broken.wav").symlink_to(root / "gone.wav")
+    (root / "a" / "up").symlink_to(elsewhere / "b")  # then ".." leaves the link's target
+    cells = [
+        "a/x.wav", "a/./x.wav", "linked/y.wav", "a/to_z.wav", "a/broken.wav", "a/missing.wav",
+        "a/up/../z.wav", "a/../a/x.wav", "a", "linked", "a/..", str(root / "a" / "x.wav"),
+        "nowhere/at/all.wav", "a/x.wav/", "/",
+    ]  # fmt: skip
+    paths = _Paths(root)
+    for cell in cells + cells:  # the second pass reads the folder cache
+        expected = (root / cell).resolve()
+        got, st = paths.real(cell)
+        assert got == expected, cell
+        assert (st is not None) == expected.exists(), cell
+        if st is not None:
+            assert os.path.samestat(st, os.stat(expected)), cell
 
 
 def test_manifest_errors_about_the_whole_file(dataset: Path) -> None:
@@ -200,20 +230,28 @@ def test_frames_are_picked_evenly_in_natural_order(tmp_path: Path) -> None:
 def test_cache_hits_and_recomputes_only_what_changed(dataset: Path, tmp_path: Path) -> None:
     m = read_manifest(dataset)
     cache = tmp_path / "cache"
-    first = _load(m, cache)
-    files = sorted(cache.rglob("*.safetensors"))
-    assert len(files) == 12 and not list(cache.rglob("*.tmp"))
+    first = _load(m, cache, workers=2)  # two extraction processes: the same rows as one
+    stores = sorted(p.parent for p in cache.rglob("index.jsonl"))
+    assert [s.name.split("-")[0] for s in stores] == ["audio", "visual"]
+    sizes = {s: (s / "data.bin").stat().st_size for s in stores}
+    assert not list(cache.rglob("*.tmp"))
+    assert [len((s / "index.jsonl").read_text().splitlines()) for s in stores] == [6, 6]
 
     warm = _load(m, cache)
     assert (warm.computed, warm.cached) == (0, 12)
-    assert torch.equal(warm.audio, first.audio) and torch.equal(warm.visual, first.visual)
+    assert torch.equal(warm.audio[:], first.audio[:])
+    assert torch.equal(warm.visual[:], first.visual[:])
+    serial = _load(m, tmp_path / "serial", workers=1)
+    assert torch.equal(serial.audio[:], first.audio[:])
+    assert torch.equal(serial.visual[:], first.visual[:])
 
     # Touch one clip (content unchanged, new mtime): only that entry is recomputed.
     wav = m.samples[2].audio
     st = wav.stat()
     os.utime(wav, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert (_load(m, cache).computed, _load(m, cache).computed) == (1, 0)
-    assert sorted(cache.rglob("*.safetensors")) == files  # rewritten in place, no stale copies
+    # Rewritten in its own row: the store does not grow.
+    assert {s: (s / "data.bin").stat().st_size for s in stores} == sizes
 
     # Rewrite one clip with other content: recomputed, and the features follow the file.
     _wav(m.samples[3].audio, seed=99)
@@ -232,10 +270,12 @@ def test_cache_hits_and_recomputes_only_what_changed(dataset: Path, tmp_path: Pa
     assert _load(m, cache, other).computed == 0 and _load(m, cache).computed == 0
     assert _load(m, cache, visual=VisualOptions(frames=2, size=28)).computed == 6
 
-    # A damaged cache file is recomputed, not an error.
-    victim = files[0]  # one of the default parameters' entries
-    victim.write_bytes(victim.read_bytes()[:100])
+    # A kill mid-line (a torn last index line) costs that one entry, not an error.
+    index = stores[0] / "index.jsonl"
+    text = index.read_text()
+    index.write_text(text[: len(text) - 10])
     assert _load(m, cache).computed == 1
+    assert _load(m, cache).computed == 0  # the re-extracted entry's line stands on its own
 
 
 def test_unreadable_samples_are_reported_by_id_and_skipped(dataset: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, run_inprocess
+from helpers import TINY, fusion_toml, run_cli, run_inprocess
 from rich.console import Console
 from safetensors.torch import save_file
 
@@ -28,52 +28,23 @@ from bnfix.fusion import masking
 from bnfix.fusion.config import load_config
 from bnfix.fusion.manifest import read_manifest
 from bnfix.fusion.model import build_encoder
-from bnfix.fusion.run import STOP_AFTER_ENV, STOPPED_EXIT, fusion_tune
+from bnfix.fusion.run import STOP_AFTER_ENV, STOPPED_EXIT, check_out_dir, fusion_tune
 from bnfix.fusion.synthetic import tiny_cnn, write_synthetic_av
 from bnfix.probe_audio import AudioOptions, features_with_length, read_audio
 
-TINY = "bnfix.fusion.synthetic:tiny_cnn"
 TIMING = ("samples_per_s", "seconds")
-CONFIG = """\
-[data]
-manifest = "{manifest}"
-
-[data.audio]
-mel_bins = 32
-target_frames = 64
-
-[data.visual]
-frames = 2
-size = 32
-
-[model]
-audio_arch = "{arch}"
-visual_arch = "{arch}"
-{inits}
-[stage1]
-epochs = {epochs1}
-batch_size = {batch}
-lr = 0.05
-
-[stage2]
-epochs = 2
-batch_size = 8
-lr = 0.02
-
-[mask]
-tau = 0.0
-audio_patch = [32, 32]
-visual_patch = [8, 8]
-
-[run]
-out_dir = "out"
-"""
 
 
-def write_config(folder: Path, manifest: Path, inits: str = "", epochs1: int = 3, batch=8) -> Path:
+def write_config(folder: Path, manifest: Path, epochs1: int = 3, batch: int = 8) -> Path:
     path = folder / "fusion.toml"
-    text = CONFIG.format(manifest=manifest, arch=TINY, inits=inits, epochs1=epochs1, batch=batch)
-    path.write_text(text)
+    changes = {
+        "data.audio": {"mel_bins": 32, "target_frames": 64},
+        "data.visual": {"size": 32},
+        "stage1": {"epochs": epochs1, "batch_size": batch},
+        "stage2": {"epochs": 2},
+        "mask": {"tau": 0.0, "audio_patch": [32, 32]},
+    }
+    path.write_text(fusion_toml(manifest, changes))
     return path
 
 
@@ -290,6 +261,42 @@ def test_stage2_refuses_stage1_values_the_stage1_run_did_not_use(
     assert snapshot(out) == before  # config.toml above all
 
 
+def test_stage2_with_other_settings_does_not_keep_results_it_would_misreport(
+    av_run: Path, tmp_path: Path
+) -> None:
+    """``--stage 2 --compare none`` with another mask.rho left the default run's ``stage2/``
+    in place, and config.toml, rewritten with the new rho, then vouched for it: summary.json
+    reported its accuracy and mask fractions as this config's. It is refused, or removed
+    (with its metrics lines) under --force; with unchanged settings, other arms' results stay."""
+    out = tmp_path / "out"
+    shutil.copytree(av_run / "out", out)
+    before = snapshot(out)
+    args = ("fusion-tune", "--config", av_run / "fusion.toml", "--stage", "2",
+            f"run.out_dir={out}", "--compare", "none")  # fmt: skip
+    result = run_inprocess(*args, "mask.rho=0.1")
+    assert result.code == 2
+    assert "stage2 was trained with other stage-2 settings than these (mask.rho)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(out) == before
+
+    result = run_inprocess(*args, "mask.rho=0.1", "--force")
+    assert result.code == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert "stage2" not in summary and "mask" not in summary
+    assert set(summary["compare"]) == {"none"}
+    assert not (out / "stage2").exists() and (out / "stage2-none" / "result.json").exists()
+    phases = {r["phase"] for r in read_metrics(out)}
+    assert "stage2" not in phases and "stage2-none" in phases
+    assert load_config(out / "config.toml").mask.rho == pytest.approx((0.1, 0.1))
+
+    # The same settings again, another arm: stage2-none was trained with them and stays.
+    result = run_inprocess(*args[:-1], "ogm-ge", "mask.rho=0.1")
+    assert result.code == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["compare"]) == {"ogm-ge"}
+    assert (out / "stage2-none" / "result.json").exists()
+
+
 def test_stage2_on_an_empty_out_dir_fails_before_features_or_writes(
     av_run: Path, tmp_path: Path
 ) -> None:
@@ -303,9 +310,13 @@ def test_stage2_on_an_empty_out_dir_fails_before_features_or_writes(
     assert "--stage 2 needs a finished stage 1 in run.out_dir" in result.stderr
     assert "stage1/confidence.json" in result.stderr and "config.toml" in result.stderr
     assert list(out.iterdir()) == [] and not cache.exists()  # no feature work, no file
-    # So a later stage 1 finds the folder empty, as it was left.
+    # So a later stage 1 finds the folder empty, as it was left: --resume there starts the run
+    # (as after a kill during feature extraction); a folder with other files is refused.
+    config = load_config(av_run / "fusion.toml", [f"run.out_dir={out}"])
+    assert check_out_dir(config, ["stage1/audio"], "all", resume=True, force=False) is None
+    (out / "notes.txt").write_text("mine")
     with pytest.raises(BnfixError, match="nothing to resume"):
-        fusion_tune(load_config(av_run / "fusion.toml", [f"run.out_dir={out}"]), resume=True)
+        fusion_tune(config, resume=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import run_cli
+from helpers import TINY, fusion_toml, run_cli
 from rich.console import Console
 
 from bnfix.abri import ABRiBatchNorm2d, convert
@@ -27,47 +27,20 @@ from bnfix.fusion.model import FusionModel, build_encoder
 from bnfix.fusion.run import STOP_AFTER_ENV, STOPPED_EXIT, fusion_tune
 from bnfix.fusion.synthetic import write_synthetic_av
 
-TINY = "bnfix.fusion.synthetic:tiny_cnn"
-CONFIG = """\
-[data]
-manifest = "{manifest}"
-
-[data.audio]
-mel_bins = 32
-target_frames = 64
-
-[data.visual]
-frames = 2
-size = 32
-
-[model]
-audio_arch = "{arch}"
-visual_arch = "{arch}"
-
-[stage1]
-epochs = {epochs1}
-batch_size = 8
-lr = 0.05
-
-[stage2]
-epochs = {epochs2}
-batch_size = 8
-lr = 0.02
-
-[mask]
-audio_patch = [16, 8]
-visual_patch = [8, 8]
-
-[run]
-out_dir = "out"
-"""
 TIMING = ("samples_per_s", "seconds")
 
 
 def write_config(folder: Path, manifest: Path, epochs1: int = 4, epochs2: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "fusion.toml"
-    path.write_text(CONFIG.format(manifest=manifest, arch=TINY, epochs1=epochs1, epochs2=epochs2))
+    changes = {
+        "data.audio": {"mel_bins": 32, "target_frames": 64},
+        "data.visual": {"size": 32},
+        "stage1": {"epochs": epochs1},
+        "stage2": {"epochs": epochs2},
+        "mask": {"audio_patch": [16, 8]},
+    }
+    path.write_text(fusion_toml(manifest, changes))
     return path
 
 

@@ -353,3 +353,78 @@ def test_every_catalogue_member_is_recognised() -> None:
             if got != want:
                 wrong[member.name] = got
     assert not wrong
+
+
+@needs_timm
+def test_a_safetensors_file_is_scanned_in_the_models_layer_order(tmp_path: Path) -> None:
+    """safetensors stores keys sorted by name, which put timm RegNet's ``stem.bn`` after every
+    ``s1.*`` layer: the stem-gap rule then judged ``s1.b1.conv2.bn`` and the .safetensors
+    file got another recommendation than the same weights as .bin. A probe scan lists the
+    layers in the model's order, whatever the file's."""
+    model = _real_timm("regnetx_002")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator))
+                module.running_mean.copy_(0.3 * torch.randn(n, generator=generator))
+                module.num_batches_tracked.fill_(100)
+    state = model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    probe = torch.randn(4, 3, 64, 64, generator=generator)
+    torch.save(probe, tmp_path / "probe.pt")
+    modules = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    docs = []
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        out = tmp_path / f"{name}.json"
+        done = run_inprocess(
+            "scan", tmp_path / name, "--arch", "timm:regnetx_002", "--probe", tmp_path / "probe.pt",
+            "--modality", "visual", "--json", out,
+        )  # fmt: skip
+        assert done.code == 0, done.stderr
+        docs.append(json.loads(out.read_text())["checkpoints"][0])
+    for doc in docs:
+        assert [layer["name"] for layer in doc["layers"]] == modules
+    assert modules[0] == "stem.bn"
+    same = [{k: v for k, v in d["recommendation"].items() if k != "command"} for d in docs]
+    assert same[0] == same[1]
+    assert docs[0]["recommendation"]["stem_gap"]["name"] == "stem.bn"
+
+
+@needs_timm
+def test_a_multi_branch_stem_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """timm's RepVGG reads the input with two parallel convolutions (3x3 and 1x1): repair
+    summed only the first to one channel and wrote, with exit 0, a checkpoint that neither
+    bnfix.load nor fold could run. It is one line and exit 2 now, nothing written."""
+    from bnfix.models.stem import input_convolutions
+
+    model = _real_timm("repvgg_a0")
+    assert input_convolutions(model) == ["stem.conv_1x1.conv", "stem.conv_kxk.conv"]
+    assert input_convolutions(_real_timm("resnet18d")) == ["conv1.0"]
+    assert input_convolutions(_real_tv("densenet121")) == ["features.conv0"]
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors"
+    )
+    out = tmp_path / "m.abri.safetensors"
+    done = run_inprocess("repair", tmp_path / "m.safetensors", "--arch", "timm:repvgg_a0",
+                         "--modality", "audio", "--out", out)  # fmt: skip
+    assert done.code == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "2 parallel convolutions reading the input" in lines[0]
+    assert "stem.conv_kxk.conv" in lines[0] and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@needs_timm
+def test_non_persistent_buffers_keep_the_values_their_module_computed() -> None:
+    """timm's densenetblur121d holds its BlurPool filter in a non-persistent buffer, which no
+    state dict carries: built on the meta device, it stayed there, and scan --probe, repair
+    and bnfix.load ended in a traceback ('tensors left on the meta device')."""
+    original = _real_timm("densenetblur121d")
+    model, recognition = build_model(original.state_dict(), "timm:densenetblur121d")
+    assert recognition.name == "timm:densenetblur121d"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), original(x))

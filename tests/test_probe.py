@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -205,6 +206,29 @@ def test_a_clip_shorter_than_one_window_is_skipped(tmp_path: Path) -> None:
 
     with pytest.raises(BnfixError, match="analysis window"):
         load_probe(tmp_path / "b_blip.wav", "audio", audio=SMALL)
+
+
+@pytest.mark.parametrize("mode", ["fbank", "waveform"])
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_a_recording_with_no_samples_or_a_blip_is_skipped_in_both_modes(
+    tmp_path: Path, mode: str, rate: int
+) -> None:
+    """A header-only WAV (an aborted recording): at 44.1 kHz torchaudio's resampler failed
+    with a traceback that ended the scan; at 16 kHz waveform mode padded it, like a 1-sample
+    blip, into a second of silence that the statistics then averaged in."""
+    sf.write(tmp_path / "a.wav", tone(440, 0.5, rate), rate)
+    sf.write(tmp_path / "b_empty.wav", np.zeros((0, 1)), rate, subtype="PCM_16")
+    sf.write(tmp_path / "c_blip.wav", tone(440, 0.004, rate), rate)
+    opts = AudioOptions(input=mode, target_frames=32, num_mel_bins=16, seconds=0.5)
+
+    probe = load_probe(tmp_path, "audio", audio=opts)
+
+    assert [Path(s).name for s in probe.sources] == ["a.wav"]
+    reasons = {Path(f).name: r for f, r in probe.skipped}
+    assert reasons["b_empty.wav"] == "no audio samples (an empty or aborted recording?)"
+    assert "clip is 4.0 ms long, shorter than" in reasons["c_blip.wav"]
+    with pytest.raises(BnfixError, match="no audio samples"):
+        load_probe(tmp_path / "b_empty.wav", "audio", audio=opts)
 
 
 def test_corrupt_files_are_skipped_and_reported(tmp_path: Path) -> None:
@@ -542,3 +566,88 @@ def test_demo_audio_is_realistic_and_deterministic(tmp_path: Path) -> None:
 def test_probe_is_a_plain_dataclass() -> None:
     probe = Probe(tensor=torch.zeros(2, 1, 2, 2), modality=None, sources=["x", "x"], skipped=[])
     assert pickle.loads(pickle.dumps(probe)).sources == ["x", "x"]
+
+
+# --- entries that are not regular files --------------------------------------------------------
+
+
+def _within(seconds: float, call):
+    """``call()``'s result, failing (not hanging the suite) if it blocks: opening a FIFO with no
+    writer never returns, so the call runs in a daemon thread that is abandoned on a timeout."""
+    import threading
+
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as e:  # re-raised in the test's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for {seconds} s: a FIFO was opened"
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]
+
+
+@pytest.mark.parametrize("kind", ["image", "audio", "tensor", "clip"])
+def test_fifos_and_broken_links_are_skipped_unopened(tmp_path: Path, kind: str) -> None:
+    from bnfix.probe import ClipOptions
+
+    ext = {"image": ".png", "audio": ".wav", "tensor": ".pt", "clip": ".png"}[kind]
+    root = tmp_path / "probe"
+    folder = root / "clip0" if kind == "clip" else root
+    folder.mkdir(parents=True)
+    for i in range(2):
+        if kind == "audio":
+            sf.write(folder / f"{i}.wav", tone(440, 0.5, 16000), 16000)
+        elif kind == "tensor":
+            torch.save(torch.randn(2, 1, 4, 4), folder / f"{i}.pt")
+        else:
+            write_png(folder / f"{i}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    os.mkfifo(folder / f"f{ext}")
+    (folder / f"g{ext}").symlink_to(folder / f"missing{ext}")
+    (folder / f"l{ext}").symlink_to(folder / f"0{ext}")  # a link to a regular file is read
+    if kind == "clip":  # a second clip, so the clip probe has two samples
+        (root / "clip1").mkdir()
+        write_png(root / "clip1" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    modality = {"image": "visual", "audio": "audio", "tensor": None, "clip": "visual"}[kind]
+    clip = ClipOptions(frames=2, size=8, resize=(8, 8)) if kind == "clip" else None
+
+    probe = _within(20, lambda: load_probe(root, modality, audio=SMALL, clip=clip))
+
+    assert probe.skipped == [
+        (str(folder / f"f{ext}"), "not a regular file (a FIFO)"),
+        (str(folder / f"g{ext}"), "a broken symbolic link"),
+    ]
+    if kind == "clip":
+        assert probe.sources == [str(root / "clip0"), str(root / "clip1")]
+    else:
+        names = ["0", "1", "l"]
+        assert sorted({Path(s).name for s in probe.sources}) == [n + ext for n in names]
+        assert probe.files == 3
+
+
+def test_a_probe_of_only_unreadable_entries_is_an_error(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "f.png")
+    with pytest.raises(BnfixError) as err:
+        _within(20, lambda: load_probe(tmp_path, "visual"))
+    assert "no readable image sample (1 file skipped; first:" in str(err.value)
+    assert "f.png: not a regular file (a FIFO)" in str(err.value)
+
+
+def test_a_fifo_or_device_given_as_the_probe_is_one_clear_error(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "f.png")
+    targets = [(tmp_path / "f.png", "a FIFO")]
+    if Path("/dev/zero").exists():
+        targets.append((Path("/dev/zero"), "a character device"))
+    for path, what in targets:
+        for modality in ("visual", "audio", None):
+            with pytest.raises(BnfixError) as err:
+                _within(20, lambda p=path, m=modality: load_probe(p, m))
+            message = str(err.value)
+            assert f"cannot read this probe: not a regular file ({what})" in message
+            assert "\n" not in message

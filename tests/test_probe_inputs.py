@@ -77,19 +77,19 @@ def test_presets_follow_torchvision_video_weights() -> None:
 
 
 def test_scan_and_repair_a_video_model_on_clips(frame_folders: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    path = tmp_path / "r2plus1d_18.safetensors"
-    model = torchvision.models.video.r2plus1d_18()
+    torch.manual_seed(0)  # mc3_18: the smallest torchvision video ResNet (a third of r2plus1d_18)
+    path = tmp_path / "mc3_18.safetensors"
+    model = torchvision.models.video.mc3_18()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     out = tmp_path / "scan.json"
     args = ("--probe", frame_folders, "--clip-frames", "4", "--clip-size", "32")
     done = run_inprocess("scan", path, "--modality", "visual", *args, "--json", out)
     assert done.code == 0, done.stderr
     doc = json.loads(out.read_text())["checkpoints"][0]
-    assert doc["architecture"] == "r2plus1d_18" and doc["probe_samples"] == 3
+    assert doc["architecture"] == "mc3_18" and doc["probe_samples"] == 3
     assert doc["summary"]["unjudged_layers"] == 0
 
-    repaired = tmp_path / "r2plus1d_18.keep.safetensors"
+    repaired = tmp_path / "mc3_18.keep.safetensors"
     done = run_inprocess(
         "repair", path, "--modality", "visual", "--strategy", "keep", "--recalibrate",
         "--out", repaired, *args,
@@ -99,16 +99,16 @@ def test_scan_and_repair_a_video_model_on_clips(frame_folders: Path, tmp_path: P
 
     written = load_checkpoint(repaired)
     assert written.metadata["recalibrated"].startswith("yes")
-    fresh = torchvision.models.video.r2plus1d_18()
+    fresh = torchvision.models.video.mc3_18()
     fresh.load_state_dict(written.state_dict)  # strict: the stock layout
-    assert not torch.equal(fresh.stem[1].running_var, torch.ones(45))  # estimated on the clips
+    assert not torch.equal(fresh.stem[1].running_var, torch.ones(64))  # estimated on the clips
 
 
 def test_a_2d_probe_on_a_3d_model_is_one_line(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    path = tmp_path / "r3d.safetensors"
+    path = tmp_path / "mc3.safetensors"
     save_file(
-        {k: v.contiguous() for k, v in torchvision.models.video.r3d_18().state_dict().items()},
+        {k: v.contiguous() for k, v in torchvision.models.video.mc3_18().state_dict().items()},
         path,
     )
     probe = tmp_path / "batch.pt"
@@ -154,6 +154,16 @@ def test_waveform_probe_feeds_a_batchnorm1d_model(tmp_path: Path, monkeypatch) -
     # the fbank probe does not fit a Conv1d stem: one line naming both shapes
     done = run_inprocess("scan", ckpt, "--arch", "wave_model_probe:build", "--probe", clips)
     assert done.code == 2 and "Conv1d" in one_error_line(done.stderr)
+    # a saved [N, 1, samples] batch (read as [N, 1, 1, samples]): scan took it, repair
+    # refused it with torch's shape error
+    torch.save(probe.tensor, tmp_path / "waves.pt")
+    args = ("--arch", "wave_model_probe:build", "--modality", "audio", "--probe",
+            tmp_path / "waves.pt")  # fmt: skip
+    assert run_inprocess("scan", ckpt, *args).code == 0
+    out = tmp_path / "wave.abri.safetensors"
+    done = run_inprocess("repair", ckpt, *args, "--recalibrate", "--out", out)
+    assert done.code == 0, done.stderr
+    assert "on 4 audio samples" in done.stdout and out.exists()
 
 
 def test_adapt_channels_works_for_every_rank() -> None:

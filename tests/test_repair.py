@@ -1,4 +1,8 @@
-"""bnfix repair / fold / load on real torchvision models with planted dead channels."""
+"""bnfix repair / fold / load on real torchvision models with planted dead channels.
+
+One repair and one fold run as a real subprocess, as a user runs them; the other CLI cases go
+through the same entry point in-process.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,12 @@ def planted_checkpoint(folder, arch="resnet18", in_channels=3):
     return path, expected
 
 
+@pytest.fixture(scope="module")
+def resnet18_ckpt(tmp_path_factory):
+    """The planted ResNet-18, built once for the module: no test writes to it (they check)."""
+    return planted_checkpoint(tmp_path_factory.mktemp("planted"))
+
+
 def audio_probe(folder, n=16, size=64, channels=1, seed=3):
     path = folder / f"probe{channels}.pt"
     torch.save(
@@ -51,8 +61,8 @@ def dead_set(scan) -> set[tuple[str, int]]:
     return {(layer.name, c) for layer in scan.layers for c in layer.dead or ()}
 
 
-def test_repair_cli_revives_the_planted_channels(tmp_path):
-    ckpt, expected = planted_checkpoint(tmp_path)
+def test_repair_cli_revives_the_planted_channels(tmp_path, resnet18_ckpt):
+    ckpt, expected = resnet18_ckpt
     probe = audio_probe(tmp_path)
     digest = sha256_file(ckpt)
     out = tmp_path / "repaired.safetensors"
@@ -87,8 +97,8 @@ def test_repair_cli_revives_the_planted_channels(tmp_path):
         ("reset-all", "layer", True),
     ],
 )
-def test_load_gives_the_outputs_of_the_saved_model(tmp_path, strategy, per, recal):
-    ckpt, expected = planted_checkpoint(tmp_path)
+def test_load_gives_the_outputs_of_the_saved_model(tmp_path, resnet18_ckpt, strategy, per, recal):
+    ckpt, expected = resnet18_ckpt
     probe = audio_probe(tmp_path)
     out = tmp_path / f"{strategy}.safetensors"
     result = run_repair(
@@ -116,9 +126,9 @@ def test_load_gives_the_outputs_of_the_saved_model(tmp_path, strategy, per, reca
             assert sd[f"{name}.weight"][channel] == 1 and sd[f"{name}.bias"][channel] == 0
 
 
-def test_recalibration_sets_statistics_to_the_probes(tmp_path):
+def test_recalibration_sets_statistics_to_the_probes(tmp_path, resnet18_ckpt):
     """With equal batches, the cumulative mean is the probe's mean of each BN's input."""
-    ckpt, _ = planted_checkpoint(tmp_path)
+    ckpt, _ = resnet18_ckpt
     probe = audio_probe(tmp_path, n=16)
     result = run_repair(  # str paths, as a Python caller may pass them
         request(
@@ -148,14 +158,12 @@ def test_recalibration_sets_statistics_to_the_probes(tmp_path):
 def test_fold_cli_then_stock_architecture_loads_it(tmp_path):
     ckpt, _ = planted_checkpoint(tmp_path, arch="mobilenet_v2")
     repaired = tmp_path / "mnv2.abri.safetensors"
-    assert (
-        run_cli(
-            "repair", ckpt, "--modality", "audio", "--out", repaired, "--alpha-per", "channel"
-        ).code
-        == 0
+    run = run_inprocess(
+        "repair", ckpt, "--modality", "audio", "--out", repaired, "--alpha-per", "channel"
     )
+    assert run.code == 0, run.stderr
     folded = tmp_path / "mnv2.folded.pt"
-    run = run_cli("fold", repaired, "--out", folded)
+    run = run_cli("fold", repaired, "--out", folded)  # fold as a user runs it
     assert run.code == 0, run.stderr
     deviation = float(run.stdout.split("max eval-mode deviation on random inputs ")[1].split()[0])
     assert deviation <= 1e-5
@@ -171,12 +179,14 @@ def test_fold_cli_then_stock_architecture_loads_it(tmp_path):
     assert torch.equal(bnfix.load(folded)(x), got)
 
 
-def test_scan_of_a_repaired_checkpoint_lines_up_layer_by_layer(tmp_path):
-    ckpt, expected = planted_checkpoint(tmp_path)
+def test_scan_of_a_repaired_checkpoint_lines_up_layer_by_layer(tmp_path, resnet18_ckpt):
+    ckpt, expected = resnet18_ckpt
     repaired = tmp_path / "r.safetensors"
     run_repair(request(ckpt, modality="visual", out=repaired), QUIET)
     probe = audio_probe(tmp_path, channels=3)
-    run = run_cli("scan", ckpt, repaired, "--modality", "visual", "--probe", probe, "--json", "-")
+    run = run_inprocess(
+        "scan", ckpt, repaired, "--modality", "visual", "--probe", probe, "--json", "-"
+    )
     assert run.code == 0, run.stderr
     scans = json.loads(run.stdout)["checkpoints"]
     names = [[layer["name"] for layer in s["layers"]] for s in scans]
@@ -241,8 +251,8 @@ def test_official_abri_checkpoint_is_read_and_folded(tmp_path, per_channel):
         torch.testing.assert_close(bnfix.load(out)(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
-    ckpt, _ = planted_checkpoint(tmp_path)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, resnet18_ckpt):
+    ckpt, _ = resnet18_ckpt
     rgb_probe = audio_probe(tmp_path, channels=3)
     out = tmp_path / "never.safetensors"
     repaired = tmp_path / "r.safetensors"
@@ -264,9 +274,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ),
     ]
     digest = sha256_file(repaired)
-    for i, (args, message) in enumerate(cases):
-        # two cases as a user runs them, the rest through the same entry point in-process
-        run = run_cli(*args) if i < 2 else run_inprocess(*args)
+    for args, message in cases:  # in-process: test_cli runs a refusal as a real process
+        run = run_inprocess(*args)
         assert run.code == 2, (args, run.stderr)
         assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert "Traceback" not in run.stderr
@@ -274,9 +283,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert sha256_file(repaired) == digest
 
 
-def test_safetensors_source_and_select(tmp_path):
+def test_safetensors_source_and_select(tmp_path, resnet18_ckpt):
     """An audio-visual file: repair one sub-model chosen with --select."""
-    ckpt, _ = planted_checkpoint(tmp_path)
+    ckpt, _ = resnet18_ckpt
     state = torch.load(ckpt)
     av = {f"audio_net.{k}": v for k, v in state.items()} | {
         f"visual_net.{k}": v.clone() for k, v in state.items()
@@ -307,3 +316,73 @@ def test_stem_adaptation_is_the_same_arithmetic_as_adapting_the_input(have, want
     same = x.expand(-1, 3, -1, -1) if want == 1 else x.mean(dim=1, keepdim=True)
     torch.testing.assert_close(model.double()(x), original.double()(same))
     assert adapt_stem(model, want) is None
+
+
+def test_reset_dead_also_resets_invalid_channels_and_their_statistics() -> None:
+    """A NaN γ, an Inf β and a negative running variance are unusable channels (the scan
+    counts them invalid): reset-dead makes them a plain γ=1, β=0 channel on mean 0, variance 1,
+    and leaves healthy channels alone."""
+    from bnfix.repair import reset_dead
+
+    bn = torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.9, float("nan"), 1.1, 0.8, 1.2, 1.0]))
+        bn.bias.copy_(torch.tensor([0.1, 0.0, float("inf"), -0.1, 0.2, 0.0]))
+        bn.running_mean.copy_(torch.tensor([0.5, float("nan"), 0.3, 0.2, 0.1, 0.0]))
+        bn.running_var.copy_(torch.tensor([1.5, 2.0, 1.0, -1.0, 0.7, 1.0]))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), bn)
+    outcome = reset_dead(model)
+    assert outcome.reset == {"1": [1, 2, 3]}
+    assert bn.weight.tolist()[1:4] == [1.0, 1.0, 1.0] and bn.bias.tolist()[1:4] == [0.0] * 3
+    assert bn.running_mean.tolist()[1:4] == [0.0] * 3 and bn.running_var.tolist()[1:4] == [1.0] * 3
+    assert bn.weight[0].item() == pytest.approx(0.9) and bn.running_var[4].item() == pytest.approx(
+        0.7
+    )
+    model.eval()
+    assert torch.isfinite(model(torch.randn(2, 3, 4, 4))).all()
+
+
+def test_reset_dead_leaves_zero_initialised_layers_as_the_scan_reports_them() -> None:
+    """A zero_init_residual ResNet's bn2 layers hold γ = β = 0 by design: the scan flags none
+    of their channels (lint zero_layer), yet reset-dead set γ = 1 on all 1,920 of them,
+    turning every residual branch on."""
+    from bnfix.masks import Thresholds
+    from bnfix.repair import flagged_channels, reset_dead
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, zero_init_residual=True).eval()
+    with torch.no_grad():
+        model.layer2[0].bn1.weight[:3] = 0.0  # three channels that did die
+        model.layer2[0].bn1.bias[:3] = -1.0
+    zero = [n for n, m in model.named_modules() if n.endswith("bn2")]
+    assert len(zero) == 8
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    outcome = reset_dead(model)
+
+    assert outcome.reset == {"layer2.0.bn1": [0, 1, 2]}
+    for name in zero:
+        assert flagged_channels(model.get_submodule(name), Thresholds()) == []
+        assert torch.equal(model.state_dict()[f"{name}.weight"], before[f"{name}.weight"])
+
+
+def test_pt_outputs_keep_the_module_versions_torchvision_needs(tmp_path) -> None:
+    """The README's ``model.load_state_dict(torch.load(path))`` on a repaired or folded .pt:
+    MNASNet raised 'version should be set to 1 or 2 instead of None' because the state dict
+    was rebuilt as a plain dict, without the module versions in its ``_metadata``."""
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mnasnet0_5(num_classes=10).state_dict(), tmp_path / "m.pt")
+    repaired = tmp_path / "m.reset.pt"
+    done = run_inprocess("repair", tmp_path / "m.pt", "--modality", "visual",
+                         "--strategy", "reset-dead", "--out", repaired)  # fmt: skip
+    assert done.code == 0, done.stderr
+    abri, folded = tmp_path / "m.abri.safetensors", tmp_path / "m.folded.pt"
+    assert (
+        run_inprocess("repair", tmp_path / "m.pt", "--modality", "visual", "--out", abri).code == 0
+    )
+    done = run_inprocess("fold", abri, "--out", folded)
+    assert done.code == 0, done.stderr
+    for path in (repaired, folded):
+        model = torchvision.models.mnasnet0_5(num_classes=10)
+        model.load_state_dict(torch.load(path))  # strict, as the README says
+        assert torch.load(path)._metadata[""]["version"] == 2

@@ -106,7 +106,7 @@ def test_probe_scan_reports_exactly_the_planted_dead_channels(planted):
     model, ckpt, expected = planted
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(5)
-    batches = list(torch.randn(24, 3, 96, 96, generator=gen).split(8))
+    batches = list(torch.randn(24, 3, 64, 64, generator=gen).split(8))
     scan = scan_probe(ckpt, model, batches, modality="visual")
     for field in ("abnormal", "always_dead", "collapsed", "dead"):
         assert reported(scan, field) == expected[field], field

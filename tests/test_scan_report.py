@@ -211,7 +211,7 @@ def demo_audio(tmp_path_factory) -> Path:
     from bnfix.probe import write_demo_audio
 
     folder = tmp_path_factory.mktemp("demo-audio")
-    write_demo_audio(folder)
+    write_demo_audio(folder, n=8)  # half the demo's clips: the same verdicts, half the cost
     return folder
 
 
@@ -224,7 +224,7 @@ def test_recalibrate_for_a_domain_gap_repair_for_mass_collapse(
     out = tmp_path / "both.json"
     done = run_inprocess(
         "scan", mobilenet_v2_path, collapsed, "--modality", "audio", "--probe", demo_audio,
-        "--frames", "256", "--json", out,
+        "--frames", "128", "--json", out,
     )  # fmt: skip
     assert done.code == 0, done.stderr
     healthy, broken = json.loads(out.read_text())["checkpoints"]
@@ -294,3 +294,104 @@ def test_plot_names_layers_and_draws_the_domain_gap(tmp_path: Path, monkeypatch)
     assert len(top.containers) == 2  # one bar group per checkpoint
     heights = [bar.get_height() for bar in gap.containers[0]]
     assert heights == pytest.approx([layer.mean_shift for layer in scans[0].layers])
+
+
+# --------------------------------------------------------------------- unusual paths
+
+
+def _small_images(folder: Path, n: int = 4) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def test_a_fifo_in_the_probe_folder_is_skipped_not_waited_on(tmp_path: Path) -> None:
+    import os
+
+    from helpers import run_cli
+
+    path = tmp_path / "r18.safetensors"
+    torch.manual_seed(0)
+    save_file(
+        {k: v.contiguous() for k, v in torchvision.models.resnet18().state_dict().items()}, path
+    )
+    probe = _small_images(tmp_path / "pf", n=2)
+    os.mkfifo(probe / "f.png")
+    # a subprocess with a timeout: without the fix the scan opens the FIFO and waits forever
+    done = run_cli(
+        "scan", path, "--probe", probe, "--modality", "visual", "--image-size", "16", timeout=180
+    )
+    assert done.code == 0, done.stderr
+    assert f"skipped {probe / 'f.png'}: not a regular file (a FIFO)" in done.stdout
+    assert "2 visual samples" in done.stdout
+    for fifo in (probe / "f.png", "/dev/zero"):
+        done = run_cli("scan", path, "--probe", fifo, "--modality", "visual", timeout=180)
+        assert done.code == 2
+        assert "cannot read this probe: not a regular file" in one_error_line(done.stderr)
+
+
+def test_the_next_command_quotes_paths_so_it_pastes(tmp_path: Path, monkeypatch) -> None:
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = Path("ünï 日本") / "sub dir [v2]" / "模型 é.pth"  # [v2]: rich markup, printed as is
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)  # stats never estimated
+    probe = _small_images(Path("probe 'it's' $HOME"))
+    done = run_inprocess(
+        "scan", ckpt, "--probe", probe, "--modality", "visual", "--image-size", "16",
+        "--json", "scan.json",
+    )  # fmt: skip
+    assert done.code == 0, done.stderr
+    rec = json.loads(Path("scan.json").read_text())["checkpoints"][0]["recommendation"]
+    assert rec["action"] in ("recalibrate", "repair"), rec
+    argv = shlex.split(rec["command"])
+    assert argv[:3] == ["bnfix", "repair", str(ckpt)]
+    assert argv[argv.index("--probe") + 1] == str(probe)
+    assert argv[argv.index("--modality") + 1] == "visual"
+    assert f"next: {rec['command']}" in done.stdout
+    # plain paths are left as they were
+    plain = Path("plain") / "m.pth"
+    plain.parent.mkdir()
+    torch.save(torchvision.models.resnet18().state_dict(), plain)
+    done = run_inprocess("scan", plain, "--modality", "visual", "--json", "plain.json")
+    assert done.code == 0, done.stderr
+    rec = json.loads(Path("plain.json").read_text())["checkpoints"][0]["recommendation"]
+    assert rec["command"].startswith("bnfix repair plain/m.pth --modality visual"), rec
+
+
+def test_the_next_command_repeats_the_options_that_chose_the_model_and_features(
+    tmp_path: Path,
+) -> None:
+    """A scan of one sub-model (--select) on its own feature settings recommended a repair
+    without them: pasted, it could not recognise the two-model file, and it would have
+    recalibrated on other features than the ones the scan judged."""
+    import shlex
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()  # statistics never estimated
+    both = {f"audio_net.{k}": v for k, v in state.items()}
+    both |= {f"visual_net.{k}": v for k, v in state.items()}
+    ckpt = tmp_path / "av.pt"
+    torch.save(both, ckpt)
+    probe = _small_images(tmp_path / "imgs")
+    out = tmp_path / "scan.json"
+    done = run_inprocess(
+        "scan", ckpt, "--select", "visual_net.", "--probe", probe, "--modality", "visual",
+        "--image-size", "16", "--probe-limit", "2", "--json", out,
+    )  # fmt: skip
+    assert done.code == 0, done.stderr
+    command = json.loads(out.read_text())["checkpoints"][0]["recommendation"]["command"]
+    argv = shlex.split(command)
+    for option, value in (("--select", "visual_net."), ("--image-size", "16"),
+                          ("--probe-limit", "2"), ("--probe", str(probe))):  # fmt: skip
+        assert argv[argv.index(option) + 1] == value, command
+    assert "--mel-bins" not in argv  # defaults are not repeated
+    repaired = tmp_path / "r.safetensors"
+    done = run_inprocess(*argv[1:], "--out", repaired)  # the command as given works
+    assert done.code == 0, done.stderr
+    assert repaired.exists()

@@ -31,6 +31,9 @@ class ConvertReport:
     converted: dict[str, str] = field(default_factory=dict)  # layer → its class name
     kept: list[str] = field(default_factory=list)  # ABRi blocks already, left as they were
     skipped: dict[str, str] = field(default_factory=dict)  # layer → why it was left alone
+    #: a converted layer the model also holds under other names (one module in two places):
+    #: the same block is set at each of them
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: how many layers were converted, kept and skipped, and why."""
@@ -40,6 +43,9 @@ class ConvertReport:
             kinds[kind] = kinds.get(kind, 0) + 1
         if len(kinds) > 1 or (kinds and next(iter(kinds)) != "BatchNorm2d"):
             parts[0] += " (" + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")"
+        if self.aliases:
+            shared = ", ".join(f"{k} = {', '.join(v)}" for k, v in list(self.aliases.items())[:3])
+            parts.append(f"{len(self.aliases)} shared under several names ({shared})")
         if self.kept:
             parts.append(f"{len(self.kept)} already ABRi blocks, kept")
         if self.skipped:
@@ -81,18 +87,20 @@ def convert_report(
     found: set[str] = set()
     blocks: set[str] = set()
     todo: list[tuple[str, _BatchNorm]] = []
+    names = _names(model)
     for name, module in list(_layers(model)):
         if isinstance(module, ABRiBatchNorm):
             blocks.add(name)
-        if wanted is not None and name not in wanted:
+        here = names[id(module)]  # all its names: one BN may sit in two places
+        if wanted is not None and not wanted.intersection(here):
             continue
         if isinstance(module, ABRiBatchNorm):
-            found.add(name)
+            found.update(here)
             report.kept.append(name)
             continue
         if not (isinstance(module, _BatchNorm) or is_frozen_batchnorm(module)):
             continue
-        found.add(name)
+        found.update(here)
         reason = skip_reason(module)
         if reason is not None:
             if wanted is not None:
@@ -110,8 +118,12 @@ def convert_report(
             )
         raise BnfixError(f"no BatchNorm named {', '.join(missing)} in the model")
     for name, module in todo:
-        _set_submodule(model, name, ABRiBatchNorm.from_batchnorm(module, alpha, per))
+        block = ABRiBatchNorm.from_batchnorm(module, alpha, per)
+        for place in names[id(module)]:  # a shared BN stays shared, as one block
+            _set_submodule(model, place, block)
         report.converted[name] = type(module).__name__
+        if len(names[id(module)]) > 1:
+            report.aliases[name] = names[id(module)][1:]
     return report
 
 
@@ -149,6 +161,16 @@ def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             stack.extend(reversed(children))
 
 
+def _names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each module, in module order: one BatchNorm can sit in two places
+    (``self.bn2 = self.bn``, or an attribute and a ModuleList entry), and a swap at one of
+    them would leave the other running the old module."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
 def fold(model: nn.Module) -> nn.Module:
     """Replace every ABRi block by the one BatchNorm it equals in eval mode, in place.
 
@@ -160,9 +182,11 @@ def fold(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, ABRiBatchNorm):
         return fold_block(model)
-    for name, module in list(model.named_modules()):
+    folded: dict[int, _BatchNorm] = {}  # a shared block folds once, into one shared BN
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, ABRiBatchNorm):
-            _set_submodule(model, name, fold_block(module))
+            bn = folded.setdefault(id(module), fold_block(module))
+            _set_submodule(model, name, bn)
     return model
 
 
@@ -189,7 +213,10 @@ def fold_block(block: ABRiBatchNorm) -> _BatchNorm:
 
 
 def abri_blocks(model: nn.Module) -> dict[str, ABRiBatchNorm]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, ABRiBatchNorm)}
+    """The ABRi blocks by name, every name of a shared one."""
+    return {
+        n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, ABRiBatchNorm)
+    }
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -69,16 +69,27 @@ class AudioConfig:
 
 @dataclass(frozen=True)
 class VisualConfig:
-    """Frames per sample (evenly spaced) and the training crop size."""
+    """Frames per sample and how they are picked, cropped and resized
+    (``bnfix.fusion.features.VisualOptions`` says what each choice means)."""
 
     frames: int = 3
     size: int = 224
+    sampling: str = "middle"  # "middle" (fixed segment middles) or "random" (per epoch)
+    crop: str = "fixed-scale"  # training: "fixed-scale" or "random-resized"
+    eval_resize: str = "center-crop"  # evaluation: "center-crop" or "full-frame"
+    fps: float = 1.0  # sampling "random": frames stored per second of video
+    max_frames: int = 10  # sampling "random": frames stored per sample at most
 
 
 @dataclass(frozen=True)
 class DataConfig:
     manifest: Path | None = None
     cache_dir: Path | None = None  # default: <manifest folder>/.bnfix-cache
+    workers: int | None = None  # feature-extraction processes; default: the usable cores
+    #: Seconds one sample may take to extract (on worker processes) before it is skipped as
+    #: stuck: a decoder hanging on one damaged file must not stall the whole dataset. The
+    #: same default as ``extract.SAMPLE_TIMEOUT`` (not imported: the config stays light).
+    sample_timeout: float = 600.0
     audio: AudioConfig = field(default_factory=AudioConfig)
     visual: VisualConfig = field(default_factory=VisualConfig)
 
@@ -153,7 +164,12 @@ class RunConfig:
     seeds: tuple[int, ...] | None = None
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
-    workers: int = 0  # DataLoader worker processes; features are in memory, 0 is usually best
+    #: DataLoader worker processes reading the feature stores; default: 0 on the CPU (workers
+    #: would take cores from the step), up to 4 per process on CUDA (the step does not wait).
+    workers: int | None = None
+    # Every per-epoch scalar of metrics.jsonl also as TensorBoard curves, in out_dir/tensorboard/
+    # (needs the tensorboard extra: pip install 'bnfix[tensorboard]').
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -323,7 +339,12 @@ _STAGE_KEYS: dict[str, Check] = {
 #: Every section (dotted) and its keys with their checkers: the single source of truth for
 #: what a config may contain.
 SCHEMA: dict[str, dict[str, Check]] = {
-    "data": {"manifest": _existing_file, "cache_dir": _path},
+    "data": {
+        "manifest": _existing_file,
+        "cache_dir": _path,
+        "workers": _optional(_integer(1, 256)),
+        "sample_timeout": _number(0, open_low=True),
+    },
     "data.audio": {
         "sample_rate": _integer(1000),
         "mel_bins": _integer(4),
@@ -331,7 +352,15 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "mean": _optional(_number()),
         "std": _optional(_number(0, open_low=True)),
     },
-    "data.visual": {"frames": _integer(1), "size": _integer(8)},
+    "data.visual": {
+        "frames": _integer(1),
+        "size": _integer(8),
+        "sampling": _choice("middle", "random"),
+        "crop": _choice("fixed-scale", "random-resized"),
+        "eval_resize": _choice("center-crop", "full-frame"),
+        "fps": _number(0, 240, open_low=True),
+        "max_frames": _integer(1, 1000),
+    },
     "model": {
         "audio_arch": _arch,
         "visual_arch": _arch,
@@ -359,7 +388,8 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "seeds": _seeds,
         "device": _choice(*DEVICES),
         "amp": _boolean,
-        "workers": _integer(0, 64),
+        "workers": _optional(_integer(0, 64)),
+        "tensorboard": _boolean,
     },
 }
 
@@ -560,8 +590,14 @@ def render_toml(config: FusionConfig, header: list[str] = ()) -> str:  # type: i
     Paths are written absolute, pairs as ``[audio, visual]``; ``header`` lines become comments
     (versions, git state), so the file stays a valid config.
     """
+    return toml_text(as_dict(config), header)
+
+
+def toml_text(sections: Mapping[str, Mapping[str, Any]], header: Sequence[str] = ()) -> str:
+    """``{"data.audio": {"mel_bins": 64}, ...}`` as TOML: a ``[section]`` of ``key = value``
+    lines each (scalars, paths and flat lists: all a config holds)."""
     lines = [f"# {line}" for line in header]
-    for section, values in as_dict(config).items():
+    for section, values in sections.items():
         if lines:
             lines.append("")
         lines.append(f"[{section}]")

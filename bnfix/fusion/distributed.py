@@ -159,6 +159,18 @@ class _Positions(Sampler[int]):
         return len(self.inner)  # type: ignore[arg-type]
 
 
+class EpochBatch(list):
+    """A training batch's positions that also say which (seed, epoch) drew them: what the
+    dataset needs for per-epoch random choices (frames per segment) in any worker process."""
+
+    def __init__(self, positions: list[int], seed: int, epoch: int) -> None:
+        super().__init__(positions)
+        self.seed, self.epoch = seed, epoch
+
+    def __reduce__(self):  # to DataLoader workers: the list and both numbers
+        return (EpochBatch, (list(self), self.seed, self.epoch))
+
+
 class EpochBatches(Sampler[list[int]]):
     """This rank's batches of an epoch: an order that depends only on (seed, epoch).
 
@@ -192,7 +204,8 @@ class EpochBatches(Sampler[list[int]]):
         batches = list(inner)
         if len(batches) > 1 and len(batches[-1]) == 1:
             batches[-2].extend(batches.pop())
-        return batches
+        seed, epoch = self.sampler.seed, self.sampler.epoch
+        return [EpochBatch(b, seed, epoch) for b in batches]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches())

@@ -18,7 +18,16 @@ import torch
 
 from bnfix.errors import BnfixError
 
-__all__ = ["AUDIO_PATCH", "RULES", "VISUAL_PATCH", "mask_patches", "mask_ratios", "patch_counts"]
+__all__ = [
+    "AUDIO_PATCH",
+    "RULES",
+    "VISUAL_PATCH",
+    "check_parameters",
+    "check_patch",
+    "mask_patches",
+    "mask_ratios",
+    "patch_counts",
+]
 
 RULES = ("adaptive", "mean", "none", "reference")
 #: Spectrogram patches: 32 frames x 8 mel bins (the official code's).
@@ -109,6 +118,24 @@ def _confidences(c: torch.Tensor, name: str) -> torch.Tensor:
             f"(first: sample {first}: {float(c[first])})"
         )
     return c.clamp(0.0, 1.0)
+
+
+def check_parameters(tau: float, eta: tuple[float, float], rho: tuple[float, float]) -> None:
+    """Refuse a threshold, slopes or maxima :func:`mask_ratios` cannot use (one line each)."""
+    _check_parameters(tau, eta, rho)
+
+
+def check_patch(patch: tuple[int, int], size: tuple[int, int], option: str, where: str) -> None:
+    """Refuse a patch size with no whole patch in the ``size`` (height, width) input: such a
+    mask would silently hide nothing. ``option`` names the setting, ``where`` the input."""
+    ph, pw = patch
+    if ph < 1 or pw < 1:
+        raise BnfixError(f"{option} must be two positive sizes, got {list(patch)}")
+    if size[0] // ph == 0 or size[1] // pw == 0:
+        raise BnfixError(
+            f"{option} {list(patch)} is larger than {where} ({size[0]}x{size[1]}): no patch "
+            "fits, so nothing could be masked; use a smaller patch"
+        )
 
 
 def _check_parameters(tau: float, eta: tuple[float, float], rho: tuple[float, float]) -> None:

@@ -4,7 +4,9 @@ Layout of ``run.out_dir``::
 
     config.toml            the resolved config: the values used, the audio normalisation
                            included (+ versions and git state as comments)
+    tensorboard/           with run.tensorboard: metrics.jsonl's scalars as TensorBoard curves
     classes.json           {"labels": {label: index}, "without_training": [labels]}
+    skipped.csv            id,reason of every sample that cannot be read (only when any)
     metrics.jsonl          one JSON object per epoch and phase
     stage1/<modality>/     last.pt (full training state), best.safetensors, result.json
     stage1/confidence.json {"audio": {id: mean confidence}, "visual": {...}}
@@ -20,6 +22,7 @@ that epoch, and the replay drops the orphaned metrics line).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -29,7 +32,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,13 +59,16 @@ STOP_AFTER_ENV = "_BNFIX_FUSION_STOP_AFTER"
 STOPPED_EXIT = 75
 KNOWN_OUTPUTS = (
     "config.toml", "classes.json", "metrics.jsonl", "summary.json", "summary.png", "stage1",
-    "stage2", "ensemble",
+    "stage2", "ensemble", "tensorboard", "skipped.csv",
 )  # fmt: skip
 #: Epochs trained by this process (all seeds), for the STOP_AFTER_ENV test hook.
 _EPOCHS_RUN = [0]
 #: Keys that may differ when a run continues: they change where and how fast it runs, not its
 #: results (on the CPU), so a run folder can be moved, or resumed with another cache or device.
-NON_RESULT_KEYS = ("run.out_dir", "data.cache_dir", "run.device", "run.workers", "run.amp")
+NON_RESULT_KEYS = (
+    "run.out_dir", "data.cache_dir", "data.workers", "data.sample_timeout", "run.device",
+    "run.workers", "run.amp", "run.tensorboard",
+)  # fmt: skip
 #: Keys that may be left unset when continuing a run: the run's recorded values are used.
 RECORDED_KEYS = ("data.audio.mean", "data.audio.std")
 #: Labels printed at the start of a run; all of them are in classes.json.
@@ -154,11 +160,15 @@ def _as_tuple(value: Any) -> Any:
 class RunDir:
     """Files of one run, seen from one rank (only rank 0 writes)."""
 
-    def __init__(self, out: Path, dist: Dist, seed: int, console: Console) -> None:
+    def __init__(
+        self, out: Path, dist: Dist, seed: int, console: Console, *, tensorboard: bool = False
+    ) -> None:
         self.out = out
         self.dist = dist
         self.seed = seed
         self.console = console
+        self.tensorboard = tensorboard  # mirror metrics.jsonl into out/tensorboard/ (rank 0)
+        self._tb: Any = None  # the open bnfix.fusion.tensorboard.ScalarLog
         # The augmentation stream (crops, flips); reseeded every epoch, saved and restored with
         # the rest. Masks and OGM-GE noise draw from streams of their own (``arm_generator``),
         # so that stage-2 arms of one seed share every other random number.
@@ -222,6 +232,22 @@ class RunDir:
         return gen
 
     # -- writing (rank 0)
+
+    def start_tensorboard(self) -> None:
+        """Open the TensorBoard log (``run.tensorboard``, main rank) and write what
+        metrics.jsonl holds that it lacks; call after :meth:`repair_metrics`."""
+        if not (self.tensorboard and self.dist.main) or self._tb is not None:
+            return
+        from bnfix.fusion.tensorboard import FOLDER, ScalarLog
+
+        records = [json.loads(line) for line in self._read_metrics()]
+        self._tb = ScalarLog(self.out / FOLDER, records)
+
+    def close(self) -> None:
+        """Close the TensorBoard log, if open (every epoch is flushed already)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def _write_json(self, path: Path, obj: object) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +328,8 @@ class RunDir:
             folder.mkdir(parents=True, exist_ok=True)
             with open(self.metrics, "a") as fh:
                 fh.write(dumps(record) + "\n")
+            if self._tb is not None:  # the same record, flushed before the checkpoints
+                self._tb.write(record)
             if best is not None:
                 meta = {"bnfix_fusion_phase": phase, **best_meta, **_version_meta()}
                 save_checkpoint(best, folder / "best.safetensors", meta, force=True)
@@ -447,6 +475,10 @@ def check_out_dir(
         _check_stage1_done(out)
     if resume:
         if not saved.exists():
+            if not _entries(out):
+                # Killed before it wrote anything, e.g. while extracting features: start it;
+                # the feature stores keep every sample extracted before the kill.
+                return None
             raise BnfixError("nothing to resume: no config.toml from an earlier run here", out)
         previous = _check_same_config(
             config, saved, NON_RESULT_KEYS,
@@ -469,6 +501,15 @@ def check_out_dir(
                 "redo stage 2",
                 out,
             )
+        stale = stale_stage2(config, previous, phases)
+        if stale and not force:
+            changed = ", ".join(_stage2_changes(config, previous)[:3])
+            raise BnfixError(
+                f"{stale[0]} was trained with other stage-2 settings than these ({changed}) "
+                "and would be summarised as if it were not: pass --force to redo stage 2 "
+                "(it is removed), or run with the settings in config.toml",
+                out,
+            )
     else:
         entries = _entries(out)
         if entries and not force:
@@ -483,6 +524,25 @@ def check_out_dir(
         _check_classes(out, classes)
     metric_lines(out / "metrics.jsonl")  # kept and appended to: must not be damaged
     return previous
+
+
+def _stage2_changes(config: FusionConfig, previous: FusionConfig) -> list[str]:
+    """The stage-2 keys (``stage2.*``, ``mask.*``, ``balance.*``) that differ from the run's."""
+    keys = (*_keys_of("stage2"), *_keys_of("mask"), *_keys_of("balance"))
+    return [k for k in diff_configs(config, previous) if k in keys]
+
+
+def stale_stage2(
+    config: FusionConfig, previous: FusionConfig | None, phases: list[str]
+) -> list[str]:
+    """Stage-2 results in run.out_dir that this ``--stage 2`` run does not redo although its
+    stage-2 settings differ from those they were trained with: config.toml is rewritten with
+    the new settings, so they would be summarised under settings they never saw."""
+    if previous is None or not _stage2_changes(config, previous):
+        return []
+    out = config.run.out_dir
+    kept = [n for n in _entries(out) if n == "stage2" or n.startswith("stage2-")]
+    return [n for n in kept if n not in phases]
 
 
 def _check_stage1_done(out: Path) -> None:
@@ -657,7 +717,9 @@ def is_output(name: str) -> bool:
 def _clear(config: FusionConfig, phases: list[str], stage: str) -> None:
     """--force: remove what bnfix wrote (never anything else) for the phases about to run."""
     out = config.run.out_dir
-    names = [n for n in _entries(out) if is_output(n)] if stage != "2" else phases
+    # Stage 2 alone keeps stage 1's outputs; its TensorBoard log goes (points cannot be taken
+    # out of event files) and is rebuilt from the metrics.jsonl lines that stay.
+    names = [n for n in _entries(out) if is_output(n)] if stage != "2" else [*phases, "tensorboard"]
     for name in names:
         path = out / name
         if path.is_dir():
@@ -698,6 +760,10 @@ def fusion_tune(
 
     if resume and force:
         raise BnfixError("--resume and --force contradict each other; pass one")
+    if config.run.tensorboard:
+        from bnfix.fusion.tensorboard import require
+
+        require()
     arms = parse_arms(compare, config.mask.rule)
     manifest = read_manifest(config.manifest)
     # A bare --compare trains the configured rule first (stage2/), then none, as it always
@@ -727,6 +793,7 @@ class _Job:
     computed: list[str]
     resume: bool
     force: bool
+    stale: list[str]  # stage-2 results that --force removes besides the planned phases
 
 
 def _check(
@@ -737,7 +804,8 @@ def _check(
         config, phases, stage, resume, force, world=d.world, classes=manifest.classes
     )
     computed = _computed_stats(config, previous)
-    return _Job(with_recorded(config, previous), previous, computed, resume, force)
+    stale = stale_stage2(config, previous, phases) if stage == "2" and not resume else []
+    return _Job(with_recorded(config, previous), previous, computed, resume, force, stale)
 
 
 def _make_out_dir(out: Path, d: Dist) -> None:
@@ -752,18 +820,83 @@ def _make_out_dir(out: Path, d: Dist) -> None:
     d.barrier()  # every rank has checked before rank 0 writes anything
 
 
-def _load(config: FusionConfig, manifest: Any, d: Dist, console: Console) -> FeatureSet:
-    """Check the architectures and inits, then the features (rank 0 fills the cache)."""
-    from bnfix.fusion.features import VisualOptions, load_features
+def _check_models(config: FusionConfig, manifest: Any, phases: list[str], arms: list[Arm]) -> None:
+    """Everything about the models that can refuse the config, before out_dir or the feature
+    cache exists: each encoder is built once on a zero input of the configured shape (the
+    architecture exists, the init checkpoint reads, its metadata names no code to import, its
+    weights fit, the input fits), and the mask settings the planned stage-2 arms use fit. The
+    feature options are built too: they check how the data keys combine."""
+    from bnfix.fusion import masking
     from bnfix.fusion.model import build_encoder
-    from bnfix.probe_audio import AudioOptions
 
+    try:
+        feature_options(config)
+    except BnfixError as e:  # how the data keys combine: say which file holds them
+        raise BnfixError(str(e), None if e.path else config.source) from None
     a, v = config.data.audio, config.data.visual
     shapes = {"audio": (1, a.target_frames, a.mel_bins), "visual": (3, v.size, v.size)}
     for modality in manifest.modalities:
         build_encoder(
-            modality, config.model.arch(modality), config.model.init(modality), shapes[modality]
-        )
+            modality, config.model.arch(modality), config.model.init(modality), shapes[modality],
+            frames=v.frames,
+        )  # fmt: skip
+    m = config.mask
+    by_phase = {arm_phase(arm, m.rule): arm for arm in arms}
+    rules = [
+        by_phase[p].rule if p in by_phase else m.rule
+        for p in phases
+        if p.startswith("stage2") and not (p in by_phase and by_phase[p].ensemble)
+    ]
+    if all(rule == "none" for rule in rules):
+        return
+    masking.check_parameters(m.tau, m.eta, m.rho)
+    audio_input = "the audio input, data.audio.target_frames x data.audio.mel_bins"
+    masking.check_patch(m.audio_patch, (a.target_frames, a.mel_bins), "mask.audio_patch",
+                        audio_input)  # fmt: skip
+    masking.check_patch(m.visual_patch, (v.size, v.size), "mask.visual_patch",
+                        "the visual crop, data.visual.size")  # fmt: skip
+
+
+def _load(config: FusionConfig, manifest: Any, d: Dist, console: Console) -> FeatureSet:
+    """The features (rank 0 fills the stores); :func:`_check_models` has run."""
+    from bnfix.fusion.features import load_features
+
+    audio, visual = feature_options(config)
+    features = None
+    for turn in ("main", "others"):  # rank 0 fills the stores; the others then map them
+        if (turn == "main") == d.main:
+            features = load_features(
+                manifest, audio, visual, config.data.cache_dir, console,
+                workers=config.data.workers, sample_timeout=config.data.sample_timeout,
+            )  # fmt: skip
+        d.barrier()
+    assert features is not None
+    if d.main:
+        _write_skipped(config.run.out_dir / "skipped.csv", features.skipped, console)
+    return features
+
+
+def _write_skipped(path: Path, skipped: list[tuple[str, str]], console: Console) -> None:
+    """Every unreadable sample with its reason, for a dataset where the console shows only
+    the first few; a run that now reads them all removes an older list."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id", "reason"])
+    writer.writerows(skipped)
+    write_atomic(path, text.getvalue().encode())
+    console.print(f"  all {len(skipped)} listed in {path}", highlight=False)
+
+
+def feature_options(config: FusionConfig) -> tuple[Any, Any]:
+    """The ``AudioOptions`` and ``VisualOptions`` the config's ``data.audio`` and
+    ``data.visual`` sections describe: what the run extracts and reads."""
+    from bnfix.fusion.features import VisualOptions
+    from bnfix.probe_audio import AudioOptions
+
+    a = config.data.audio
     audio = AudioOptions(
         sample_rate=a.sample_rate,
         num_mel_bins=a.mel_bins,
@@ -771,14 +904,7 @@ def _load(config: FusionConfig, manifest: Any, d: Dist, console: Console) -> Fea
         mean=a.mean,
         std=a.std,
     )
-    visual = VisualOptions(frames=v.frames, size=v.size)
-    features = None
-    for turn in ("main", "others"):  # rank 0 fills the cache; the others then read it
-        if (turn == "main") == d.main:
-            features = load_features(manifest, audio, visual, config.data.cache_dir, console)
-        d.barrier()
-    assert features is not None
-    return features
+    return audio, VisualOptions(**asdict(config.data.visual))  # the same fields, checked again
 
 
 def _run(
@@ -786,6 +912,7 @@ def _run(
     resume: bool, force: bool, d: Dist, console: Console, plot: bool,
 ) -> dict[str, Any]:  # fmt: skip
     job = _check(config, manifest, phases, stage, resume, force, d)
+    _check_models(job.config, manifest, phases, arms)
     _make_out_dir(job.config.run.out_dir, d)
     features = _load(job.config, manifest, d, console)
     summary = _run_phases(job, features, phases, arms, stage, d, console)
@@ -794,7 +921,7 @@ def _run(
             print_compare(console, summary["compare"], bare=_is_bare(arms, config))
         if plot and _has_stage2(summary):
             _plot(job.config.run.out_dir, console)
-        console.print(f"wrote {job.config.run.out_dir}", highlight=False)
+        console.print(f"wrote {job.config.run.out_dir}", highlight=False, markup=False)
     return summary
 
 
@@ -836,6 +963,8 @@ def _check_top(config: FusionConfig, stage: str, resume: bool, force: bool) -> N
                 "--stage 1 first",
                 out,
             )
+        if not _entries(out):
+            return  # killed before it wrote anything (see check_out_dir): start it
         raise BnfixError("nothing to resume: no config.toml from an earlier run here", out)
     try:
         previous = load_config(saved)
@@ -870,8 +999,9 @@ def _run_seeds(
         # --resume continues the seeds that started and starts the others (a grown seed list)
         started = (sub.run.out_dir / "config.toml").exists()
         jobs.append(_check(sub, manifest, phases, stage, resume and started, force, d))
-    _make_out_dir(out, d)
     recorded = next((j.config for j in jobs if j.previous is not None), config)
+    _check_models(recorded, manifest, phases, arms)
+    _make_out_dir(out, d)
     features = _load(recorded, manifest, d, console)
     if d.main:
         if force and stage != "2":
@@ -898,7 +1028,7 @@ def _run_seeds(
         print_seed_stats(console, summary, [a.name for a in arms])
         if plot and _has_stage2(summary.get("stats", {})):
             _plot(out, console)
-        console.print(f"wrote {out}", highlight=False)
+        console.print(f"wrote {out}", highlight=False, markup=False)
     d.barrier()
     return summary
 
@@ -919,12 +1049,13 @@ def _run_phases(
     norm = normalisation(features)
     classes = class_table(features)
     out = config.run.out_dir
-    rundir = RunDir(out, d, config.run.seed, console)
+    rundir = RunDir(out, d, config.run.seed, console, tensorboard=config.run.tensorboard)
     if d.main:
         if job.force:
-            _clear(config, phases, stage)
+            _clear(config, [*phases, *job.stale], stage)
         out.mkdir(parents=True, exist_ok=True)
         rundir.repair_metrics()
+        rundir.start_tensorboard()
         header = _header(config) + _normalisation_note(norm, job.computed)
         write_atomic(out / "config.toml", render_toml(config, header).encode())
         rundir._write_json(out / "classes.json", classes)
@@ -933,13 +1064,17 @@ def _run_phases(
     d.barrier()
     ctx = Context(config, features, d, console, rundir, resume=job.resume)
     by_phase = {arm_phase(arm, config.mask.rule): arm for arm in arms}
-    for phase in phases:
-        if phase.startswith("stage1/"):
-            run_stage1(ctx, phase.removeprefix("stage1/"))
-        elif phase in by_phase and by_phase[phase].ensemble:
-            run_ensemble(ctx, phase)
-        else:
-            run_stage2(ctx, by_phase.get(phase) or parse_arms([config.mask.rule], "")[0], phase)
+    try:
+        for phase in phases:
+            if phase.startswith("stage1/"):
+                run_stage1(ctx, phase.removeprefix("stage1/"))
+            elif phase in by_phase and by_phase[phase].ensemble:
+                run_ensemble(ctx, phase)
+            else:
+                arm = by_phase.get(phase) or parse_arms([config.mask.rule], "")[0]
+                run_stage2(ctx, arm, phase)
+    finally:
+        rundir.close()
     summary: dict[str, Any] = {"classes": classes}
     if norm:
         summary["audio_normalisation"] = norm
@@ -1135,15 +1270,18 @@ def print_compare(console: Console, compare: dict[str, Any], bare: bool = True) 
     console.print(table)
 
 
-def _pm(stats: Any) -> str:
-    """mean ± half-width of the 95% interval, in percent points."""
+def _pm(stats: Any, seeds: int) -> str:
+    """mean ± half-width of the 95% interval, in percent points; the count of seeds it is
+    over when some seeds have no value (a Shapley share where φa + φv = 0), since the table's
+    title says all ``seeds``."""
     if not isinstance(stats, Mapping) or stats.get("mean") is None:
         return "n/a"
     mean = 100 * stats["mean"]
+    fewer = f" (n={stats['n']} of {seeds})" if stats.get("n", seeds) < seeds else ""
     if not stats.get("ci95"):
-        return f"{mean:.1f}%"
+        return f"{mean:.1f}%{fewer}"
     half = 100 * (stats["ci95"][1] - stats["ci95"][0]) / 2
-    return f"{mean:.1f} ± {half:.1f}%"
+    return f"{mean:.1f} ± {half:.1f}%{fewer}"
 
 
 def _diff(stats: Mapping[str, Any]) -> str:
@@ -1170,7 +1308,7 @@ def print_seed_stats(console: Console, summary: dict[str, Any], arms: list[str])
             values = [_dig(compare[arm], path) for arm in compare]
             if all(v is None for v in values) and path[0] == "contribution":
                 continue
-            table.add_row(name, *(_pm(v) for v in values))
+            table.add_row(name, *(_pm(v, n) for v in values))
         console.print(table)
     else:
         table = Table(title=f"test accuracy ({over})")
@@ -1187,7 +1325,7 @@ def print_seed_stats(console: Console, summary: dict[str, Any], arms: list[str])
         ):
             value = _dig(stats, path)
             if value is not None:
-                table.add_row(name, _pm(value))
+                table.add_row(name, _pm(value, n))
         console.print(table)
     pairs = summary.get("paired") or {}
     if pairs:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -101,12 +102,22 @@ class Context:
 
 
 class _Rows(Dataset):
-    """Rows of the in-memory features; a whole batch is gathered at once (``__getitems__``)."""
+    """A batch of the stored features, gathered at once (``__getitems__``).
+
+    Only the batch's rows are read from the memory-mapped stores. With ``sampling = "random"``
+    a training batch (an :class:`~bnfix.fusion.distributed.EpochBatch`, which carries its seed
+    and epoch) reads one frame per segment, drawn by :func:`segment_picks` from (seed, epoch,
+    sample): the same in DataLoader workers, on every rank and after a resume, and nothing but
+    the T picked frames is read. Evaluation batches (plain lists) read each segment's middle.
+    """
 
     def __init__(self, features: FeatureSet, modalities: tuple[str, ...]) -> None:
         self.labels = features.labels
         self.audio = features.audio if "audio" in modalities else None
         self.visual = features.visual if "visual" in modalities else None
+        self.options = features.visual_options
+        self.counts = features.visual_frames
+        self.aspect = features.visual_aspect
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -115,21 +126,79 @@ class _Rows(Dataset):
         return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
-        i = torch.as_tensor(indices, dtype=torch.int64)
+        i = torch.as_tensor(list(indices), dtype=torch.int64)
         batch = {"index": i, "label": self.labels[i]}
         if self.audio is not None:
             batch["audio"] = self.audio[i]
         if self.visual is not None:
-            batch["visual"] = self.visual[i]
+            assert self.options is not None and self.counts is not None
+            if self.options.sampling == "random":
+                picks = segment_picks(
+                    self.counts[i], self.options.frames, getattr(indices, "seed", None),
+                    getattr(indices, "epoch", 0), i,
+                )  # fmt: skip
+                batch["visual"] = self.visual.take(i, picks)
+            else:
+                batch["visual"] = self.visual[i]
+            if self.options.whole:
+                assert self.aspect is not None
+                batch["aspect"] = self.aspect[i]
         return batch
+
+
+def segment_picks(
+    counts: Tensor, segments: int, seed: int | None, epoch: int, samples: Tensor
+) -> Tensor:
+    """``[B, segments]`` frame indices: one per equal segment of each sample's ``counts[b]``
+    stored frames, uniformly at random given (seed, epoch, sample), or the segment's middle
+    when ``seed`` is None (evaluation). A counter-based hash (splitmix64), not a generator:
+    any process can draw any sample's picks without replaying a stream."""
+    counts = counts.to(torch.int64)[:, None]
+    k = torch.arange(segments, dtype=torch.int64)[None, :]
+    start = k * counts // segments
+    length = torch.clamp((k + 1) * counts // segments - start, min=1)
+    if seed is None:
+        offset = length // 2
+    else:
+        with np.errstate(over="ignore"):
+            word = (
+                np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+                + np.uint64(epoch) * np.uint64(0xBF58476D1CE4E5B9)
+                + samples.numpy().astype(np.uint64)[:, None] * np.uint64(0x94D049BB133111EB)
+                + k.numpy().astype(np.uint64)
+            )
+        offset = torch.from_numpy((_splitmix64(word) >> np.uint64(11)).astype(np.int64)) % length
+    return torch.minimum(start + offset, counts - 1).clamp(min=0)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def _whole_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch
 
 
+def loader_workers(configured: int | None, cuda: bool, world: int) -> int:
+    """``run.workers``, or its default: none on the CPU, where a worker's reads and collation
+    would take a core from the step; on CUDA up to 4 per process, from this process's share of
+    the cores, so reading rows (~20 ms per batch of 32 at the paper's shapes) overlaps the step.
+    """
+    if configured is not None:
+        return configured
+    if not cuda:
+        return 0
+    from bnfix.fusion.extract import default_workers
+
+    return max(1, min(4, default_workers() // max(1, world) - 1))
+
+
 def _loader(ctx: Context, batches: EpochBatches, modalities: tuple[str, ...]) -> DataLoader:
-    workers = ctx.config.run.workers
+    workers = loader_workers(ctx.config.run.workers, ctx.cuda, ctx.dist.world)
     return DataLoader(
         _Rows(ctx.features, modalities),
         batch_sampler=batches,
@@ -146,7 +215,13 @@ def _inputs(
     """A batch of one modality, on the device, ready for the encoder (augmented when training)."""
     x = batch[modality].to(ctx.device, non_blocking=True)
     if modality == "visual":
-        x = augment.visual_batch(x, ctx.config.data.visual.size, train, gen)
+        opts = ctx.features.visual_options
+        if opts is not None and opts.whole:
+            x = augment.visual_whole_batch(
+                x, batch["aspect"], opts.size, train, gen, opts.crop, opts.eval_resize
+            )
+        else:
+            x = augment.visual_batch(x, ctx.config.data.visual.size, train, gen)
     return x
 
 
@@ -178,11 +253,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig) -> Any:
 
 def _prepare(ctx: Context, model: nn.Module) -> nn.Module:
     model.to(ctx.device)
-    if ctx.cuda:
-        model.to(memory_format=torch.channels_last)
+    if ctx.cuda:  # channels-last weights and inputs: 4-D for 2-D encoders, 5-D for 3-D ones
         for module in model.modules():
             if isinstance(module, Encoder):
-                module.channels_last = True
+                module.to_channels_last()
     return model
 
 
@@ -319,8 +393,9 @@ def _evaluate_uni(ctx: Context, model: nn.Module, modality: str, split: str) -> 
 def _build_uni(ctx: Context, modality: str) -> UniModal:
     cfg = ctx.config.model
     encoder, info = build_encoder(
-        modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality)
-    )
+        modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality),
+        frames=ctx.config.data.visual.frames,
+    )  # fmt: skip
     if ctx.dist.main:
         notes = "; ".join(info.notes)
         ctx.console.print(
@@ -475,8 +550,9 @@ def _build_fusion(ctx: Context) -> FusionModel:
     for modality in ("audio", "visual"):
         cfg = ctx.config.model
         encoder, _ = build_encoder(
-            modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality)
-        )
+            modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality),
+            frames=ctx.config.data.visual.frames,
+        )  # fmt: skip
         load_stage1_encoder(encoder, ctx.rundir.read_best(f"stage1/{modality}"))
         encoders[modality] = encoder
     return FusionModel(encoders["audio"], encoders["visual"], ctx.classes)
@@ -758,8 +834,9 @@ def _stage1_model(ctx: Context, modality: str) -> UniModal:
     """The stage-1 model of a modality as its best epoch left it (encoder and head)."""
     cfg = ctx.config.model
     encoder, _ = build_encoder(
-        modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality)
-    )
+        modality, cfg.arch(modality), cfg.init(modality), ctx.input_shape(modality),
+        frames=ctx.config.data.visual.frames,
+    )  # fmt: skip
     head = load_stage1_encoder(encoder, ctx.rundir.read_best(f"stage1/{modality}"))
     model = UniModal(encoder, ctx.classes)
     model.head.load_state_dict(head.state_dict())

@@ -222,15 +222,39 @@ def _build_module(
     """Fit a checkpoint to a user-supplied module (same tolerance as for torchvision)."""
     layout = layout_of(model)
     result = fit(shapes_of(state_dict), layout)
+    restored = _restore_outer_name(state_dict, model) if isinstance(result, Mismatch) else None
+    if restored is not None:  # loading stripped it as a wrapper's: this model's own name
+        state_dict, (outer, again) = restored
+        if not isinstance(again, Mismatch):
+            result = again
     if isinstance(result, Mismatch):
         raise BnfixError(
             f"{option} {label} does not fit this checkpoint: {result.describe()}; "
             "check that it builds the same architecture"
         )
     said = notes(result, layout, label) + checkpoint_notes(state_dict, layout)
+    if restored is not None and result is again:
+        said.append(f"kept the prefix '{outer}.': {label} names its own module so")
     _adapt(model, result)
     recognition = Recognition(label, result.in_channels, result.num_classes, tuple(said))
     return load_weights(model, state_dict), recognition
+
+
+def _restore_outer_name(
+    state_dict: Mapping[str, Tensor], model: nn.Module
+) -> tuple[dict[str, Tensor], tuple[str, Fit | Mismatch]] | None:
+    """The checkpoint with the model's one top-level module name put back on every key, and
+    how that fits, when every model key carries it and no checkpoint key does: a factory
+    whose whole network sits in ``self.encoder`` (or ``backbone``, ``net``, ``model``) saves
+    keys that loading strips as a wrapper's prefix."""
+    names = {k.split(".", 1)[0] for k in model.state_dict()}
+    if len(names) != 1:
+        return None
+    outer = names.pop()
+    if any(k.startswith(f"{outer}.") for k in state_dict):
+        return None
+    prefixed = {f"{outer}.{k}": v for k, v in state_dict.items()}
+    return prefixed, (outer, fit(shapes_of(prefixed), layout_of(model)))
 
 
 def create_model(arch: str, *, option: str = "--arch") -> nn.Module:

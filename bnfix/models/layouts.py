@@ -113,7 +113,10 @@ def empty_weights() -> Iterator[None]:
         module: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True
     ) -> None:
         register_buffer(module, name, tensor, persistent)
-        if tensor is not None:
+        # A non-persistent buffer is not in any state dict, so loading would never fill it
+        # (timm's BlurPool filter in densenetblur121d was left on meta): it keeps the value
+        # its module computed, small by nature (a filter, an index table).
+        if tensor is not None and persistent:
             module._buffers[name] = module._buffers[name].to("meta")
 
     nn.Module.register_parameter = register_meta_parameter  # type: ignore[method-assign]

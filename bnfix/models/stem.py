@@ -69,6 +69,46 @@ def adapt_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     )
 
 
+#: Input sizes for the meta-device pass that finds the convolutions reading the input (no
+#: arithmetic happens on meta tensors, so generous sizes cost nothing).
+_META_SIZES = {1: (16000,), 2: (224, 224), 3: (16, 112, 112)}
+
+
+def input_convolutions(model: nn.Module) -> list[str]:
+    """Module paths of every convolution that reads the model's input itself, found by one
+    forward pass on the meta device (the model's own tensors are not touched): the stem, and
+    in a multi-branch stem (timm's RepVGG, MobileOne) its parallel branches. Just the stem
+    when the pass cannot run (data-dependent control flow, an input it does not accept)."""
+    from torch.func import functional_call
+
+    stem_name, stem = stem_conv(model)
+    size = _META_SIZES.get(len(stem.kernel_size))
+    if size is None:
+        return [stem_name]
+    x = torch.empty(1, stem.in_channels, *size, device="meta")
+    found: list[str] = []
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda _m, args, name=name: found.append(name) if args and args[0] is x else None
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, CONVOLUTIONS) and not module.transposed
+    ]
+    tensors = {
+        k: torch.empty_like(v, device="meta")
+        for k, v in (*model.named_parameters(), *model.named_buffers())
+    }
+    try:
+        with torch.no_grad():
+            functional_call(model, tensors, (x,), strict=False)
+    except Exception:  # anything the model does that meta tensors cannot: the stem alone
+        return [stem_name]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(found)) or [stem_name]
+
+
 def adapt_stem(model: nn.Module, in_channels: int) -> str | None:
     """Give the stem ``in_channels`` inputs in place; a note saying what changed, or None."""
     name, conv = stem_conv(model)
@@ -77,6 +117,17 @@ def adapt_stem(model: nn.Module, in_channels: int) -> str | None:
         return None
     if conv.groups != 1:
         raise BnfixError(f"stem {name} is a grouped convolution; cannot adapt its input channels")
+    readers = input_convolutions(model)
+    if len(readers) > 1:
+        # Each branch would adapt exactly, but the checkpoint would then fit no stock layout
+        # (bnfix.load, fold and timm know one stem convolution): refused before anything is
+        # written, rather than a file whose other branches still take the old channels.
+        shown = ", ".join(readers[:3]) + (", …" if len(readers) > 3 else "")
+        raise BnfixError(
+            f"the stem has {len(readers)} parallel convolutions reading the input ({shown}); "
+            f"bnfix adapts a single stem convolution, so it cannot give this model "
+            f"{in_channels} input channel(s)"
+        )
     with torch.no_grad():
         weight = adapt_weight(conv.weight.detach(), in_channels).clone()
     conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
