@@ -111,6 +111,22 @@ def _wav_dataset(folder: Path, n: int, seconds: float = 0.5) -> Path:
     return folder / "m.csv"
 
 
+def _freeze_at(proc: subprocess.Popen, cache: Path, rows: int) -> Path | None:
+    """Freeze ``proc``'s process group (SIGSTOP) the moment a store index under ``cache``
+    holds ``rows`` rows, and return that index (None if the run ended first). Small clips
+    extract at ~1,000/s on two workers: a kill sent a few scheduler ticks after the index was
+    read found every sample extracted on a loaded CI machine; frozen, the run waits for it."""
+    found: list[Path] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = found or list(cache.rglob("index.jsonl"))
+        if found and len(found[0].read_bytes().splitlines()) >= rows:
+            os.killpg(proc.pid, signal.SIGSTOP)
+            return found[0]
+        time.sleep(0.002)
+    return None
+
+
 _EXTRACT = """
 import sys, rich.console
 from pathlib import Path
@@ -165,14 +181,7 @@ def test_extraction_killed_half_way_resumes_where_it_stopped(tmp_path: Path) -> 
         stderr=subprocess.PIPE,
         start_new_session=True,  # the kill takes the extraction workers too
     )
-    index = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = list(cache.rglob("index.jsonl"))
-        if found and len(found[0].read_text().splitlines()) >= 6:
-            index = found[0]
-            break
-        time.sleep(0.01)
+    index = _freeze_at(proc, cache, 6)
     assert index is not None, proc.communicate()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -364,11 +373,8 @@ def test_fusion_tune_killed_while_extracting_resumes_with_the_done_samples(
     """The real CLI, killed (SIGKILL) half-way through extraction; --resume starts the run,
     extracting only what the kill left, and it trains to the end. ``main``: only the run's
     own process is killed (as the OOM killer or a plain ``kill -9 PID`` does); its workers
-    lived on, holding the store's lock, and the --resume waited on it in silence.
-
-    The whole process group is frozen (SIGSTOP) the moment the index holds five rows, and
-    killed while frozen: these clips extract at ~1,000/s on two workers, so a kill sent a
-    few scheduler ticks late found every sample extracted (seen on a loaded CI machine)."""
+    lived on, holding the store's lock, and the --resume waited on it in silence. The kill
+    lands while the run is frozen (``_freeze_at``), so it lands half-way."""
     n = 120
     manifest = _wav_dataset(tmp_path / "d", n, seconds=2.0)
     config = tmp_path / "run.toml"
@@ -395,15 +401,7 @@ out_dir = "{tmp_path / "out"}"
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    done = 0
-    deadline = time.monotonic() + 300
-    found: list[Path] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = found or list((tmp_path / "cache").rglob("index.jsonl"))
-        if found and len(found[0].read_bytes().splitlines()) >= 5:
-            os.killpg(proc.pid, signal.SIGSTOP)
-            break
-        time.sleep(0.002)
+    index = _freeze_at(proc, tmp_path / "cache", 5)
     workers = _children(proc.pid)
     if who == "group":
         os.killpg(proc.pid, signal.SIGKILL)
@@ -412,12 +410,12 @@ out_dir = "{tmp_path / "out"}"
         os.kill(proc.pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGCONT)  # the workers run on, as after a real kill -9
     proc.wait()
-    assert found, proc.communicate()
+    assert index is not None, proc.communicate()
     deadline = time.monotonic() + 30
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [w for w in workers if _alive(w)]  # the workers died with the run
-    done = len([ln for ln in found[0].read_text().split("\n")[:-1] if ln])
+    done = len([ln for ln in index.read_text().split("\n")[:-1] if ln])
     assert 5 <= done < n, done  # killed half-way
     r = run_inprocess("fusion-tune", "--config", config, "--resume")
     assert r.code == 0, r.stderr
@@ -534,15 +532,12 @@ def test_fusion_tune_carries_on_when_a_worker_is_killed_mid_extraction(tmp_path:
         start_new_session=True,
     )
     killed = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and killed is None:
-        found = list((tmp_path / "cache").rglob("index.jsonl"))
-        if found and len(found[0].read_text().splitlines()) >= 3:  # the workers are busy
-            workers = _children(proc.pid)
-            if len(workers) == 2:
-                killed = workers[0]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.005)
+    if _freeze_at(proc, tmp_path / "cache", 3) is not None:  # the workers are busy
+        workers = _children(proc.pid)
+        if len(workers) == 2:
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGCONT)
     try:
         out, err = proc.communicate(timeout=300)
     finally:
