@@ -402,6 +402,7 @@ out_dir = "{tmp_path / "out"}"
         start_new_session=True,
     )
     index = _freeze_at(proc, tmp_path / "cache", 5)
+    assert index is not None, proc.communicate()  # the run ended before five rows
     workers = _children(proc.pid)
     if who == "group":
         os.killpg(proc.pid, signal.SIGKILL)
@@ -410,7 +411,6 @@ out_dir = "{tmp_path / "out"}"
         os.kill(proc.pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGCONT)  # the workers run on, as after a real kill -9
     proc.wait()
-    assert index is not None, proc.communicate()
     deadline = time.monotonic() + 30
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
